@@ -1,0 +1,106 @@
+"""Run artifacts: where each stage writes, atomic writes, and the provenance every artifact carries."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .config import PROJECT_ROOT, Profile
+
+TRACKED_PACKAGES = ("autorule-book", "torch", "transformers", "trl", "datasets", "accelerate", "tokenizers",
+                    "papermill", "jupyter-book", "boto3", "vllm", "deepspeed", "alpaca-eval")
+
+
+class MissingArtifactError(FileNotFoundError):
+    """An input from an earlier stage is absent; the message says which stage makes it."""
+
+
+def package_versions(names=TRACKED_PACKAGES) -> dict[str, str]:
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def git_commit() -> str:
+    """HEAD of the project checkout, '+dirty' if tracked files changed; 'unknown' outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def provenance(profile: Profile, stage: str, **extra: Any) -> dict:
+    """What is needed to trace a number back: profile and its hash, models, seeds, code and packages."""
+    return {
+        "stage": stage,
+        "profile": profile.name,
+        "profile_hash": profile.hash(),
+        "seed": profile.seed,
+        "models": {"policy": profile.models.policy, "verifier": profile.models.verifier,
+                   "tokenizer": profile.models.tokenizer or profile.models.policy},
+        "git_commit": git_commit(),
+        "python": platform.python_version(),
+        "packages": package_versions(),
+        "created_at": now(),
+        **extra,
+    }
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write via a temporary file and rename, so a crash never leaves a half-written artifact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def read_json(path: str | Path, made_by: str | None = None) -> Any:
+    path = Path(path)
+    if not path.exists():
+        hint = f"; run stage {made_by} first (autorule run --only {made_by})" if made_by else ""
+        raise MissingArtifactError(f"{path} not found{hint}")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def stage_dir(run_dir: str | Path, stage: str) -> Path:
+    """Artifacts of one stage: <run_dir>/artifacts/<stage>."""
+    d = Path(run_dir) / "artifacts" / stage
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def require(path: str | Path, made_by: str) -> Path:
+    """An input from an earlier stage, or an error naming the stage that makes it."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingArtifactError(f"{path} not found; run stage {made_by} first (autorule run --only {made_by})")
+    return path

@@ -1,0 +1,101 @@
+"""The ``autorule`` command line: prepare-data, run, book, profile."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .artifacts import MissingArtifactError
+from .config import ConfigError, load_profile, run_dir
+from .data import SchemaError
+
+USER_ERRORS = (ConfigError, SchemaError, MissingArtifactError, FileNotFoundError, KeyError, ValueError)
+
+
+def _cmd_prepare_data(args) -> int:
+    from .data import prepare_data
+
+    profile = load_profile(args.profile)
+    report = prepare_data(profile, args.dataset, args.source, args.output_dir, tokenizer=args.tokenizer,
+                          hf_username=args.hf_username, skip_bad_rows=args.skip_bad_rows or None,
+                          models_dir=run_dir(profile) / "models")
+    for split, r in report.items():
+        dropped = ", ".join(f"{k}={v}" for k, v in r["dropped"].items())
+        print(f"{split}: {r['rows_in']} in, {r['rows_kept']} kept ({dropped})")
+    print(f"wrote {args.output_dir}/report.json")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from .runner import StageFailed, run_book
+
+    profile = load_profile(args.profile)
+    only = [x for item in (args.only or []) for x in item.split(",") if x]
+    try:
+        manifest = run_book(profile, only=only, output_dir=args.output_dir, force=args.force)
+    except StageFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"run finished: {run_dir(profile, args.output_dir)} ({len(manifest['stages'])} stage(s) recorded)")
+    return 0
+
+
+def _cmd_book(args) -> int:
+    from .book import build_book
+
+    profile = load_profile(args.profile)
+    index = build_book(run_dir(profile, args.output_dir))
+    print(f"book built: {index}")
+    return 0
+
+
+def _cmd_profile(args) -> int:
+    profile = load_profile(args.profile)
+    d = profile.to_dict()
+    print(json.dumps({"hash": profile.hash(), **d}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="autorule", description="AutoRule Book: run the reproduction stage by stage.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("prepare-data", help="Prepare UltraFeedback or MT-Bench data (METHOD.md §1).")
+    d.add_argument("--dataset", required=True, choices=["ultrafeedback", "mt_bench"])
+    d.add_argument("--source", required=True, help="Hub id, save_to_disk folder, or folder of <split>.jsonl/.parquet")
+    d.add_argument("--output-dir", "--output_dir", required=True)
+    d.add_argument("--profile", default="smoke", help="profile name or YAML file (default: smoke)")
+    d.add_argument("--tokenizer", help="tokenizer path or Hub id (default: the profile's policy tokenizer)")
+    d.add_argument("--hf-username", "--hf_username", help="push the processed dataset to <user>/" "processed_...")
+    d.add_argument("--skip-bad-rows", "--skip_bad_rows", action="store_true", help="skip and count malformed rows")
+    d.set_defaults(func=_cmd_prepare_data)
+
+    r = sub.add_parser("run", help="Execute the book's notebooks in order with papermill.")
+    r.add_argument("--profile", default="smoke")
+    r.add_argument("--only", action="append", help="stages to run: numbers or names, comma-separated")
+    r.add_argument("--output-dir", help="run directory (default: <runs_dir>/<profile name>)")
+    r.add_argument("--force", action="store_true", help="re-run stages whose inputs are unchanged")
+    r.set_defaults(func=_cmd_run)
+
+    b = sub.add_parser("book", help="Build the HTML book from a run's executed notebooks.")
+    b.add_argument("--profile", default="smoke")
+    b.add_argument("--output-dir", help="run directory (default: <runs_dir>/<profile name>)")
+    b.set_defaults(func=_cmd_book)
+
+    s = sub.add_parser("profile", help="Validate a profile and print its resolved settings and hash.")
+    s.add_argument("profile")
+    s.set_defaults(func=_cmd_profile)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

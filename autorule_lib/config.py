@@ -1,0 +1,416 @@
+"""Typed, validated run configuration: profile YAML -> these dataclasses -> notebooks -> library calls.
+
+A profile is a YAML file (``configs/profiles/<name>.yaml`` or any path). It may start with
+``extends: <name or path>`` and then only list the keys it changes. Loading checks every key and
+type and that every local file the profile names exists; errors name the dotted key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROFILES_DIR = PROJECT_ROOT / "configs" / "profiles"
+
+
+class ConfigError(ValueError):
+    """A profile is invalid; the message names the offending key or path."""
+
+
+def _f(default, help: str, **meta):
+    """A dataclass field with TRL-style ``help`` metadata (lists/dicts get a factory)."""
+    meta["help"] = help
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TinyModelConfig:
+    vocab_size: int = _f(1024, "Tokenizer vocabulary size (BPE trained on the fixture text).")
+    hidden_size: int = _f(64, "Hidden size of the tiny Llama.")
+    intermediate_size: int = _f(128, "MLP size of the tiny Llama.")
+    num_layers: int = _f(2, "Decoder layers.")
+    num_heads: int = _f(4, "Attention heads (also key/value heads).")
+    max_position_embeddings: int = _f(2048, "Longest sequence the tiny model accepts.")
+    seed: int = _f(0, "Seed for tokenizer corpus order and weight initialisation.")
+
+
+@dataclass
+class ModelsConfig:
+    policy: str = _f("meta-llama/Meta-Llama-3-8B", "Base policy: Hub id, local path, or 'tiny' (built locally).")
+    tokenizer: Optional[str] = _f(None, "Policy tokenizer; defaults to the policy's own.")
+    verifier: str = _f("meta-llama/Meta-Llama-3-8B-Instruct", "Rule verifier model: Hub id, path or 'tiny'.")
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig, metadata={"help": "Shape of 'tiny' models."})
+
+
+@dataclass
+class DataConfig:
+    ultrafeedback_source: str = _f("HuggingFaceH4/ultrafeedback_binarized",
+                                   "Hub id, save_to_disk folder, or folder of <split>.jsonl/.parquet.", source=True)
+    mt_bench_source: str = _f("lmsys/mt_bench_human_judgments", "Same forms as ultrafeedback_source.", source=True)
+    max_tokens: int = _f(512, "Prompt, chosen and rejected must each encode to fewer tokens (BOS counted).")
+    filter_training_data: bool = _f(True, "Apply the length/quality filter to SFT/RM/RL data too (released code).")
+    uf_test_size: int = _f(1024, "UF test set: first N filtered rows of test_prefs, stored order.")
+    mt_split: Literal["intended", "original"] = _f(
+        "intended", "MT-Bench question split: 'intended' 40/40, or the released helper's 'original' 8/8 bug.")
+    mt_samples_per_question: int = _f(8, "Judgments sampled per training question (all if fewer).")
+    mt_sample_seed: int = _f(42, "Seed of the per-question sampler (a fresh generator per question).")
+    skip_bad_rows: bool = _f(False, "Skip and count malformed rows instead of stopping.")
+    hf_username: Optional[str] = _f(None, "Push the processed UltraFeedback to <user>/processed_... (HF_TOKEN env).")
+
+
+@dataclass
+class ExtractionConfig:
+    llm: Literal["bedrock", "openai", "local", "replay"] = _f("bedrock", "Which client answers the three stages.")
+    model: str = _f("us.deepseek.r1-v1:0", "Model id for the chosen client.")
+    region: str = _f("us-east-1", "AWS region (bedrock).")
+    base_url: Optional[str] = _f(None, "OpenAI-compatible server URL (openai).")
+    api_key_env: str = _f("OPENAI_API_KEY", "Name of the env variable holding the API key (openai).")
+    replay_file: Optional[str] = _f(None, "Recorded demonstration responses (replay).", source=True)
+    temperature: float = _f(0.6, "Sampling temperature.")
+    max_tokens: int = _f(32768, "maxTokens per call.")
+    read_timeout_s: int = _f(900, "HTTP read timeout; reasoning answers are slow.")
+    extract_from: Literal["reasoning", "explanation"] = _f(
+        "reasoning", "Extract rules from the reasoning chain (paper) or the final explanation (released driver).")
+    uf_num_examples: int = _f(256, "Random train_prefs pairs explained (chosen shown as A).")
+    uf_sample_seed: int = _f(42, "Seed of the UF sample (the original did not record one).")
+    mt_num_examples_per_question: int = _f(8, "MT-Bench judgments per training question.")
+    mt_swap_seed: int = _f(42, "Seed of the A/B swap (p=0.5) for MT-Bench examples.")
+    num_proc: int = _f(8, "Concurrent calls.")
+    requests_per_minute: Optional[int] = _f(None, "Client-side request rate limit.")
+    tokens_per_minute: Optional[int] = _f(None, "Client-side token rate limit.")
+    max_retries: int = _f(6, "Retries for throttling/transient errors, with backoff.")
+
+
+@dataclass
+class VerifierConfig:
+    mode: Literal["parity", "fast"] = _f("parity", "Greedy generation as the paper, or next-token scoring.")
+    layout: Literal["rule_first", "conversation_first"] = _f(
+        "rule_first", "Prompt order; conversation_first lets rules share the cached conversation prefix.")
+    backend: Literal["transformers", "vllm", "openai", "bedrock"] = _f("vllm", "Where verdicts are computed.")
+    max_new_tokens: int = _f(1024, "Generation budget per verdict (parity mode).")
+    concise_clause: bool = _f(True, "Ask whether the response complies 'and does so concisely' (newer variant).")
+    truncate_prompt_tokens: Optional[int] = _f(None, "Right-truncate judge prompts (original quirk: 1024).")
+    batch_size: int = _f(64, "Prompts per forward/generation batch.")
+
+
+@dataclass
+class RewardConfig:
+    rule_reward: Literal["shifted", "fraction"] = _f("shifted", "(frac-0.75)*10 as the code, or the plain fraction.")
+    rule_shift: float = _f(0.75, "Subtracted from the satisfied fraction (shifted form).")
+    rule_scale: float = _f(10.0, "Multiplies the shifted fraction.")
+    rm_weight: float = _f(1.0, "Weight of the z-normalised RM reward.")
+    rule_weight: float = _f(1.0, "Weight of the rule reward.")
+    length_threshold: int = _f(300, "Length penalty starts above this many completion tokens (EOS counted).")
+    length_scale: int = _f(600, "Length penalty = max(0, (L - threshold) / scale).")
+
+
+@dataclass
+class SFTStageConfig:
+    num_train_epochs: float = _f(2, "Epochs over filtered train_sft.")
+    learning_rate: float = _f(5e-6, "Constant LR after warmup.")
+    warmup_ratio: float = _f(0.05, "Warmup fraction.")
+    global_batch_size: int = _f(256, "Sequences per optimizer step across all processes.")
+    per_device_batch_size: int = _f(2, "Micro-batch; gradient accumulation fills the global batch.")
+    max_grad_norm: float = _f(10.0, "Gradient clipping.")
+    max_length: int = _f(2048, "Truncate sequences to this many tokens.")
+    adam_beta1: float = _f(0.9, "Adam beta1.")
+    adam_beta2: float = _f(0.95, "Adam beta2.")
+    max_steps: int = _f(-1, "Stop after N optimizer steps (-1: full epochs).")
+    save_steps: int = _f(500, "Checkpoint every N steps.")
+
+
+@dataclass
+class RewardModelStageConfig:
+    num_train_epochs: float = _f(1, "Epochs over filtered train_prefs.")
+    learning_rate: float = _f(5e-6, "Constant LR after warmup.")
+    warmup_ratio: float = _f(0.1, "Warmup fraction.")
+    global_batch_size: int = _f(256, "Pairs per optimizer step.")
+    per_device_batch_size: int = _f(1, "Micro-batch.")
+    max_grad_norm: float = _f(5.0, "Gradient clipping.")
+    max_length: int = _f(8192, "Truncate sequences to this many tokens.")
+    max_steps: int = _f(-1, "Stop after N optimizer steps (-1: full epochs).")
+    save_steps: int = _f(500, "Checkpoint every N steps.")
+
+
+@dataclass
+class GRPOStageConfig:
+    reward: Literal["autorule", "rm", "rm_length_penalty"] = _f("autorule", "Reward of this run.")
+    rule_set: Optional[Literal["uf", "mt"]] = _f("uf", "Rule set used by the autorule reward.")
+    num_generations: int = _f(2, "Samples per prompt.")
+    prompts_per_rollout: int = _f(1024, "Prompts per rollout step.")
+    train_batch_size: int = _f(128, "Sequences per policy update (16 updates per rollout).")
+    per_device_batch_size: int = _f(4, "Micro-batch.")
+    num_episodes: int = _f(1, "Passes over the prompts (2 for the reward-hacking study).")
+    max_prompt_length: int = _f(1024, "Prompt tokens.")
+    max_completion_length: int = _f(1024, "Completion tokens.")
+    temperature: float = _f(1.0, "Rollout temperature.")
+    top_p: float = _f(1.0, "Rollout top-p.")
+    learning_rate: float = _f(5e-7, "Actor LR, constant after warmup.")
+    warmup_ratio: float = _f(0.03, "Warmup fraction.")
+    clip_epsilon: float = _f(0.2, "PPO-style ratio clip.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping.")
+    adam_beta1: float = _f(0.9, "Adam beta1.")
+    adam_beta2: float = _f(0.95, "Adam beta2.")
+    kl_beta: float = _f(1e-3, "k3 KL coefficient.")
+    kl_mode: Literal["nominal", "original_zero_grad"] = _f(
+        "nominal", "'nominal' applies kl_beta; 'original_zero_grad' reproduces the original's zero KL gradient.")
+    loss_aggregation: Literal["token", "sequence"] = _f("token", "Token-level loss aggregation as the original.")
+    save_every_rollouts: int = _f(2, "Checkpoint every N rollout steps.")
+    max_steps: int = _f(-1, "Stop after N optimizer steps (-1: full episodes).")
+
+
+@dataclass
+class PPOStageConfig:
+    gae_lambda: float = _f(0.95, "GAE lambda.")
+    gamma: float = _f(1.0, "Discount.")
+    actor_learning_rate: float = _f(3e-7, "Actor LR.")
+    critic_learning_rate: float = _f(5e-6, "Critic LR (critic initialised from the RM).")
+    critic_warmup_ratio: float = _f(0.1, "Critic warmup fraction.")
+    max_grad_norm: float = _f(5.0, "Gradient clipping.")
+    kl_coef: float = _f(0.005, "KL penalty inside the reward.")
+    temperature: float = _f(0.9, "Rollout temperature.")
+    top_p: float = _f(0.9, "Rollout top-p.")
+    samples_per_prompt: int = _f(1, "Samples per prompt.")
+    max_steps: int = _f(-1, "Stop after N optimizer steps (-1: one episode).")
+
+
+@dataclass
+class EvaluationConfig:
+    judge_llm: Literal["bedrock", "openai", "local", "replay"] = _f("openai", "Win-rate judge client (unstated by the authors).")
+    judge_model: str = _f("gpt-4o", "Judge model id (unstated by the authors: configurable).")
+    reference: Literal["sft", "chosen"] = _f("sft", "The other side of each UF win-rate pair (unstated by the authors).")
+    uf_num_prompts: int = _f(1024, "Filtered UF test prompts evaluated.")
+    generation_temperature: float = _f(0.9, "AlpacaEval seed settings.")
+    generation_top_p: float = _f(1.0, "AlpacaEval seed settings.")
+    generation_max_new_tokens: int = _f(4096, "AlpacaEval seed settings.")
+    generation_batch_size: int = _f(16, "AlpacaEval seed settings.")
+
+
+@dataclass
+class Profile:
+    name: str = _f("custom", "Profile name; runs go to <runs_dir>/<name>.")
+    description: str = _f("", "One line shown in the book.")
+    seed: int = _f(42, "Global seed.")
+    device: Literal["cpu", "cuda", "auto"] = _f("auto", "Where models run.")
+    precision: Literal["fp32", "bf16"] = _f("bf16", "Training/inference dtype.")
+    runs_dir: str = _f("runs", "Where runs are written (relative to the project root).")
+    report_to: Literal["none", "tensorboard", "wandb"] = _f("none", "Trainer logging backend.")
+    models: ModelsConfig = field(default_factory=ModelsConfig, metadata={"help": "Model ids."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data preparation."})
+    extraction: ExtractionConfig = field(default_factory=ExtractionConfig, metadata={"help": "Rule extraction."})
+    verifier: VerifierConfig = field(default_factory=VerifierConfig, metadata={"help": "Rule verifier."})
+    reward: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "Reward formula."})
+    sft: SFTStageConfig = field(default_factory=SFTStageConfig, metadata={"help": "SFT stage."})
+    reward_model: RewardModelStageConfig = field(default_factory=RewardModelStageConfig, metadata={"help": "RM stage."})
+    grpo: GRPOStageConfig = field(default_factory=GRPOStageConfig, metadata={"help": "GRPO defaults."})
+    grpo_variants: dict[str, dict] = _f({}, "Named GRPO runs: overrides of `grpo` per run.")
+    ppo: PPOStageConfig = field(default_factory=PPOStageConfig, metadata={"help": "PPO baseline."})
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig, metadata={"help": "Evaluation."})
+    source_file: Optional[str] = _f(None, "Set by the loader: the YAML this profile came from.")
+
+    def grpo_variant(self, name: str) -> GRPOStageConfig:
+        """The GRPO settings of one named run (defaults overlaid with its overrides)."""
+        if name not in self.grpo_variants:
+            raise ConfigError(f"grpo_variants: no run named {name!r} (have {sorted(self.grpo_variants)})")
+        merged = _deep_merge(dataclasses.asdict(self.grpo), self.grpo_variants[name])
+        return _build(GRPOStageConfig, merged, f"grpo_variants.{name}")
+
+    def method_choices(self) -> list[dict]:
+        """Where the paper and the released code differ (or the authors are silent): what this run uses."""
+        choices = [
+            ("rules extracted from", self.extraction.extract_from, "reasoning", "explanation"),
+            ("rule reward", self.reward.rule_reward, "fraction", "shifted"),
+            ("GRPO KL", self.grpo.kl_mode, "nominal", "original_zero_grad"),
+            ("MT-Bench question split", self.data.mt_split, "intended", "original"),
+            ("verifier prompt truncation", str(self.verifier.truncate_prompt_tokens), "None", "1024"),
+            ("verifier 'concisely' clause", str(self.verifier.concise_clause), "True", "True"),
+            ("filter applied to SFT/RM/RL data", str(self.data.filter_training_data), "unstated", "True"),
+            ("UF win-rate judge / reference", f"{self.evaluation.judge_model} / {self.evaluation.reference}",
+             "unstated", "unstated"),
+        ]
+        return [{"setting": s, "this run": v, "paper": p, "released code": c} for s, v, p, c in choices]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Content hash of the resolved settings (not of the file's layout or comments)."""
+        d = self.to_dict()
+        d.pop("source_file", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- loading and validation
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _check_type(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_type(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {args}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        (item,) = typing.get_args(tp)
+        return [_check_type(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        _, vt = typing.get_args(tp)
+        return {str(k): _check_type(vt, v, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "5e-6" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool, dict) and (type(value) is not tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, data: Any, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or '<top>'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]} (valid keys here: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _check_type(hints[name], value, key)
+    return cls(**kwargs)
+
+
+def is_local_source(value: str) -> bool:
+    """Local paths are written with a leading '/', './', '../' or '~'; anything else is a Hub id."""
+    return value.startswith(("/", "./", "../", "~"))
+
+
+def _source_fields(cls, prefix: str = "") -> list[tuple[str, ...]]:
+    """Key paths of the fields that name a data source or file (metadata ``source=True``)."""
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += [(f.name, *rest) for rest in _source_fields(tp)]
+        elif f.metadata.get("source"):
+            out.append((f.name,))
+    return out
+
+
+def _absolutise_sources(data: dict, root: Path) -> None:
+    """Make a file's relative local paths absolute against that file's root, before merging."""
+    for keys in _source_fields(Profile):
+        node = data
+        for k in keys[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        value = node.get(keys[-1]) if isinstance(node, dict) else None
+        if isinstance(value, str) and is_local_source(value):
+            node[keys[-1]] = str((root / Path(value).expanduser()).resolve())
+
+
+def _check_sources_exist(profile: "Profile") -> None:
+    for keys in _source_fields(Profile):
+        obj = profile
+        for k in keys:
+            obj = getattr(obj, k)
+        if isinstance(obj, str) and is_local_source(obj) and not Path(obj).exists():
+            raise ConfigError(f"{'.'.join(keys)}: no such file or directory: {obj}")
+
+
+def profile_path(name_or_file: str | Path) -> Path:
+    """A profile name ('smoke') or a path to a YAML file."""
+    p = Path(name_or_file).expanduser()
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"profile file not found: {p.resolve()}")
+        return p.resolve()
+    candidate = PROFILES_DIR / f"{name_or_file}.yaml"
+    if not candidate.is_file():
+        have = sorted(x.stem for x in PROFILES_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown profile {str(name_or_file)!r}: not a file and not one of {have}")
+    return candidate
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    if path in seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a profile must be a mapping of keys")
+    _absolutise_sources(data, PROJECT_ROOT if path.is_relative_to(PROJECT_ROOT) else path.parent)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    parent_path = profile_path(parent if not str(parent).startswith(".") else path.parent / parent)
+    return _deep_merge(_read_yaml(parent_path, seen + (path,)), data)
+
+
+def load_profile(name_or_file: str | Path) -> Profile:
+    """Load, merge ``extends`` chains, type-check and resolve a profile."""
+    path = profile_path(name_or_file)
+    data = _read_yaml(path)
+    data.pop("source_file", None)
+    profile = _build(Profile, data, "")
+    _check_sources_exist(profile)
+    for name in profile.grpo_variants:  # validate every named run now, not mid-training
+        profile.grpo_variant(name)
+    profile.source_file = str(path)
+    return profile
+
+
+def dump_profile(profile: Profile, path: str | Path) -> Path:
+    """Write the resolved profile (what a run actually used) as YAML."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    d = profile.to_dict()
+    d.pop("source_file", None)
+    path.write_text(f"# resolved from {profile.source_file}; hash {profile.hash()}\n"
+                    + yaml.safe_dump(d, sort_keys=False))
+    return path
+
+
+def run_dir(profile: Profile, output_dir: str | Path | None = None) -> Path:
+    """Where a profile's run lives: <runs_dir>/<name> unless given."""
+    if output_dir:
+        return Path(output_dir).expanduser().resolve()
+    base = Path(profile.runs_dir).expanduser()
+    return (base if base.is_absolute() else PROJECT_ROOT / base).resolve() / profile.name

@@ -1,0 +1,42 @@
+"""What a notebook needs to start a stage: the profile, the run directory and its own artifact folder.
+
+The same call works under papermill (the runner injects the frozen profile and run directory) and in
+JupyterLab (defaults: the named profile and its usual run directory, so earlier stages' artifacts
+are found).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .artifacts import stage_dir
+from .config import Profile, load_profile, run_dir as default_run_dir
+
+
+@dataclass
+class StageContext:
+    name: str
+    profile: Profile
+    run_dir: Path
+    out: Path  # this stage's artifacts
+
+    @property
+    def models_dir(self) -> Path:
+        return self.run_dir / "models"
+
+    def artifacts(self, stage: str) -> Path:
+        """Another stage's artifact folder (it may not exist yet)."""
+        return self.run_dir / "artifacts" / stage
+
+
+def open_stage(name: str, profile: str | Profile = "smoke", run_dir: str | Path | None = None) -> StageContext:
+    prof = profile if isinstance(profile, Profile) else load_profile(profile)
+    rdir = default_run_dir(prof, run_dir)
+    if prof.models.policy == "tiny" or prof.models.verifier == "tiny":
+        # tiny models are built locally; nothing in a smoke run may reach the Hub
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    ctx = StageContext(name, prof, rdir, stage_dir(rdir, name))
+    print(f"stage {name} | profile {prof.name} (hash {prof.hash()}) | run dir {rdir}")
+    return ctx

@@ -1,0 +1,39 @@
+import hashlib
+import os
+
+import pytest
+
+# Nothing in the test suite may reach the Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class WordTokenizer:
+    """One token per whitespace word plus a BOS, like ``encode`` on Llama-3: lengths are exact in tests."""
+
+    def __call__(self, texts):
+        return {"input_ids": [[0] + [1] * len(t.split()) for t in texts]}
+
+
+@pytest.fixture
+def word_tokenizer():
+    return WordTokenizer()
+
+
+def uf_row(prompt="What is 2+2?", chosen="It is 4.", rejected="It is 5.", score_chosen=8.0, score_rejected=3.0):
+    """An UltraFeedback-binarized row in the Hub schema."""
+    chosen_msgs = [{"content": prompt, "role": "user"}, {"content": chosen, "role": "assistant"}]
+    return {"prompt": prompt, "prompt_id": hashlib.sha256(prompt.encode()).hexdigest(), "chosen": chosen_msgs,
+            "rejected": [{"content": prompt, "role": "user"}, {"content": rejected, "role": "assistant"}],
+            "messages": [dict(m) for m in chosen_msgs], "score_chosen": score_chosen, "score_rejected": score_rejected}
+
+
+def mt_row(question_id=81, winner="model_a", turn=1, model_a="gpt-4", model_b="llama-13b", judge="author_0"):
+    conv = lambda who: [{"content": f"Q{question_id} turn 1", "role": "user"},
+                        {"content": f"{who} answer 1", "role": "assistant"},
+                        {"content": f"Q{question_id} turn 2", "role": "user"},
+                        {"content": f"{who} answer 2", "role": "assistant"}]
+    return {"question_id": question_id, "model_a": model_a, "model_b": model_b, "winner": winner, "judge": judge,
+            "conversation_a": conv(model_a), "conversation_b": conv(model_b), "turn": turn}

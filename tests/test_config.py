@@ -1,0 +1,75 @@
+import textwrap
+
+import pytest
+
+from autorule_lib.config import ConfigError, PROJECT_ROOT, load_profile
+
+
+def write(tmp_path, text, name="p.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_shipped_profiles_load_and_differ_only_in_profile():
+    smoke, paper = load_profile("smoke"), load_profile("paper")
+    assert paper.models.policy == "meta-llama/Meta-Llama-3-8B"
+    assert paper.models.verifier == "meta-llama/Meta-Llama-3-8B-Instruct"
+    assert paper.extraction.model == "us.deepseek.r1-v1:0" and paper.extraction.temperature == 0.6
+    assert paper.grpo.learning_rate == 5e-7 and paper.grpo.kl_beta == 1e-3
+    assert paper.grpo_variant("length_control").learning_rate == 3e-7
+    assert smoke.models.policy == "tiny" and smoke.device == "cpu"
+    assert smoke.data.ultrafeedback_source == str(PROJECT_ROOT / "fixtures" / "ultrafeedback_binarized")
+    assert smoke.hash() != paper.hash()
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key grpo\.learnig_rate"):
+        load_profile(write(tmp_path, "extends: paper\ngrpo: {learnig_rate: 1.0e-6}\n"))
+    with pytest.raises(ConfigError, match=r"unknown key colour"):
+        load_profile(write(tmp_path, "colour: red\n"))
+
+
+def test_wrong_type_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"sft\.max_length: expected int, got str"):
+        load_profile(write(tmp_path, "extends: smoke\nsft: {max_length: long}\n"))
+    with pytest.raises(ConfigError, match=r"data\.mt_split: 'buggy' is not one of"):
+        load_profile(write(tmp_path, "extends: smoke\ndata: {mt_split: buggy}\n"))
+    with pytest.raises(ConfigError, match=r"data\.skip_bad_rows: expected bool"):
+        load_profile(write(tmp_path, "extends: smoke\ndata: {skip_bad_rows: 1}\n"))
+
+
+def test_bad_grpo_variant_rejected_at_load(tmp_path):
+    with pytest.raises(ConfigError, match=r"grpo_variants\.mine\.temprature"):
+        load_profile(write(tmp_path, "extends: smoke\ngrpo_variants: {mine: {temprature: 0.5}}\n"))
+
+
+def test_missing_local_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.ultrafeedback_source: no such file or directory: .*nowhere"):
+        load_profile(write(tmp_path, "extends: smoke\ndata: {ultrafeedback_source: ./nowhere}\n"))
+    with pytest.raises(ConfigError, match="profile file not found"):
+        load_profile(tmp_path / "absent.yaml")
+    with pytest.raises(ConfigError, match="unknown profile 'smok'"):
+        load_profile("smok")
+
+
+def test_user_profile_extends_and_resolves_relative_to_itself(tmp_path):
+    (tmp_path / "mydata").mkdir()
+    p = load_profile(write(tmp_path, "extends: smoke\nname: mine\ndata: {ultrafeedback_source: ./mydata}\n"))
+    assert p.name == "mine" and p.data.ultrafeedback_source == str(tmp_path / "mydata")
+    assert p.models.policy == "tiny"  # inherited
+    assert p.sft.learning_rate == 5e-6  # inherited through smoke from paper
+
+
+def test_hash_tracks_values_not_layout(tmp_path):
+    a = load_profile(write(tmp_path, "extends: smoke\nseed: 1\n", "a.yaml"))
+    b = load_profile(write(tmp_path, "# comment\nextends: smoke\nseed:   1\n", "b.yaml"))
+    c = load_profile(write(tmp_path, "extends: smoke\nseed: 2\n", "c.yaml"))
+    assert a.hash() == b.hash() != c.hash()
+
+
+def test_frozen_profile_reloads_to_same_hash(tmp_path):
+    from autorule_lib.config import dump_profile
+
+    p = load_profile("smoke")
+    assert load_profile(dump_profile(p, tmp_path / "profile.yaml")).hash() == p.hash()
