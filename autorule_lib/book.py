@@ -38,7 +38,9 @@ def build_book(run_dir: str | Path) -> Path:
     (src / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
     (src / "run_manifest.md").write_text(_manifest_page(manifest, failed))
     out = run_dir / "book"
-    cmd = [sys.executable, "-m", "jupyter_book.cli.main", "build", str(src), "--path-output", str(out), "--all", "-q"]
+    # jupyter_book.cli.main has no __main__ guard; call its click entry point in a child process
+    cmd = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()",
+           "build", str(src), "--path-output", str(out), "--all", "-q"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"jupyter-book build failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

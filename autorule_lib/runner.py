@@ -131,7 +131,7 @@ def run_book(profile: Profile, only: list[str] | None = None, output_dir: str | 
         try:
             pm.execute_notebook(str(stage.path), str(executed), kernel_name=_kernel_name(), cwd=str(notebooks_dir),
                                 parameters={"profile": str(frozen), "run_dir": str(rdir)}, progress_bar=progress,
-                                request_save_on_cell_execute=True)
+                                request_save_on_cell_execute=True, language="python")
             record["status"] = "ok"
         except Exception as err:  # papermill wraps the kernel's error; keep it for the manifest
             record.update(status="failed", error=_describe_failure(stage, err, executed))
