@@ -37,6 +37,25 @@ def open_stage(name: str, profile: str | Profile = "smoke", run_dir: str | Path 
         # tiny models are built locally; nothing in a smoke run may reach the Hub
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    _quiet_progress_bars()
     ctx = StageContext(name, prof, rdir, stage_dir(rdir, name))
     print(f"stage {name} | profile {prof.name} (hash {prof.hash()}) | run dir {rdir}")
     return ctx
+
+
+def _quiet_progress_bars() -> None:
+    """Per-shard/per-batch bars from HF libraries clutter executed notebooks and the book."""
+    import warnings
+
+    from tqdm import TqdmExperimentalWarning, TqdmWarning
+
+    warnings.filterwarnings("ignore", category=TqdmWarning)
+    warnings.filterwarnings("ignore", category=TqdmExperimentalWarning)
+    try:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
