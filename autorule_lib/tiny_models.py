@@ -15,6 +15,10 @@ from .config import Profile, TinyModelConfig
 from .text_format import ASSISTANT, USER
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+# Llama-3 ships reserved special tokens; the reward model pads with one so that EOS (= the policy's pad)
+# is not mistaken for padding and the reward is read at the real last token.
+RESERVED = "<|reserved_special_token_0|>"
+BUILD_VERSION = 2  # bump when the tokenizer or model recipe changes, so cached builds are rebuilt
 HEADER_START, HEADER_END, EOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
 # Llama-3-Instruct's layout, so a tiny verifier takes the same chat-template path as the real one.
 CHAT_TEMPLATE = (
@@ -38,14 +42,14 @@ def build_tiny_tokenizer(texts: Iterable[str], cfg: TinyModelConfig, out_dir: st
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = [BOS, EOS, HEADER_START, HEADER_END, EOT]
+    specials = [BOS, EOS, HEADER_START, HEADER_END, EOT, RESERVED]
     trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS,
-                                   additional_special_tokens=[HEADER_START, HEADER_END, EOT])
+                                   additional_special_tokens=[HEADER_START, HEADER_END, EOT, RESERVED])
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out_dir))
     return fast
@@ -85,7 +89,7 @@ def ensure_tiny_models(profile: Profile, models_dir: str | Path) -> dict[str, Pa
     paths = {"tokenizer": models_dir / "tiny-tokenizer", "policy": models_dir / "tiny-policy",
              "verifier": models_dir / "tiny-verifier"}
     corpus = tiny_corpus(profile)
-    stamp = json.dumps({"tiny": profile.models.tiny.__dict__,
+    stamp = json.dumps({"version": BUILD_VERSION, "tiny": profile.models.tiny.__dict__,
                         "corpus": hashlib.sha256("\n".join(sorted(corpus)).encode()).hexdigest()}, sort_keys=True)
     stamp_file = models_dir / "tiny-models.json"
     if stamp_file.exists() and stamp_file.read_text() == stamp and all(p.exists() for p in paths.values()):
