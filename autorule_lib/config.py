@@ -89,6 +89,13 @@ class ExtractionConfig:
     requests_per_minute: Optional[int] = _f(None, "Client-side request rate limit.")
     tokens_per_minute: Optional[int] = _f(None, "Client-side token rate limit.")
     max_retries: int = _f(6, "Retries for throttling/transient errors, with backoff.")
+    backoff_base_s: float = _f(2.0, "First backoff step; doubles per retry, full jitter, capped by backoff_max_s.")
+    backoff_max_s: float = _f(60.0, "Longest single backoff wait.")
+    retry_mode: Literal["standard", "adaptive"] = _f("adaptive", "botocore retry mode underneath our retries (bedrock).")
+    prompts_dir: Optional[str] = _f(None, "Folder with edited explain.txt/extract.txt/merge.txt (default: the "
+                                          "library's autorule_lib/prompts).", source=True)
+    price_input_per_mtok: Optional[float] = _f(None, "USD per million input tokens, for the cost table (None: no cost).")
+    price_output_per_mtok: Optional[float] = _f(None, "USD per million output tokens, for the cost table.")
 
 
 @dataclass
@@ -127,6 +134,7 @@ class SFTStageConfig:
     adam_beta2: float = _f(0.95, "Adam beta2.")
     max_steps: int = _f(-1, "Stop after N optimizer steps (-1: full epochs).")
     save_steps: int = _f(500, "Checkpoint every N steps.")
+    gradient_checkpointing: bool = _f(True, "Trade compute for memory (GPU runs).")
 
 
 @dataclass
@@ -137,9 +145,12 @@ class RewardModelStageConfig:
     global_batch_size: int = _f(256, "Pairs per optimizer step.")
     per_device_batch_size: int = _f(1, "Micro-batch.")
     max_grad_norm: float = _f(5.0, "Gradient clipping.")
-    max_length: int = _f(8192, "Truncate sequences to this many tokens.")
+    max_length: int = _f(8192, "Pairs longer than this are dropped (TRL RewardTrainer).")
     max_steps: int = _f(-1, "Stop after N optimizer steps (-1: full epochs).")
     save_steps: int = _f(500, "Checkpoint every N steps.")
+    pad_token: str = _f("<|reserved_special_token_0|>",
+                        "Padding token of the RM; must differ from EOS so the reward is read at the EOS token.")
+    gradient_checkpointing: bool = _f(True, "Trade compute for memory (GPU runs).")
 
 
 @dataclass
@@ -167,6 +178,9 @@ class GRPOStageConfig:
     loss_aggregation: Literal["token", "sequence"] = _f("token", "Token-level loss aggregation as the original.")
     save_every_rollouts: int = _f(2, "Checkpoint every N rollout steps.")
     max_steps: int = _f(-1, "Stop after N optimizer steps (-1: full episodes).")
+    use_vllm: bool = _f(False, "Generate rollouts with vLLM (TRL's use_vllm).")
+    vllm_mode: Literal["colocate", "server"] = _f("colocate", "TRL vLLM mode: same GPUs, or a `trl vllm-serve` server.")
+    gradient_checkpointing: bool = _f(True, "Trade compute for memory (GPU runs).")
 
 
 @dataclass
@@ -181,7 +195,12 @@ class PPOStageConfig:
     temperature: float = _f(0.9, "Rollout temperature.")
     top_p: float = _f(0.9, "Rollout top-p.")
     samples_per_prompt: int = _f(1, "Samples per prompt.")
-    max_steps: int = _f(-1, "Stop after N optimizer steps (-1: one episode).")
+    prompts_per_rollout: int = _f(1024, "Prompts per rollout (same batches as GRPO).")
+    train_batch_size: int = _f(128, "Sequences per update.")
+    per_device_batch_size: int = _f(4, "Micro-batch.")
+    max_completion_length: int = _f(1024, "Response tokens.")
+    num_episodes: int = _f(1, "Passes over the prompts.")
+    max_steps: int = _f(-1, "Stop after N rollout batches (-1: num_episodes over the prompts).")
 
 
 @dataclass
@@ -194,6 +213,33 @@ class EvaluationConfig:
     generation_top_p: float = _f(1.0, "AlpacaEval seed settings.")
     generation_max_new_tokens: int = _f(4096, "AlpacaEval seed settings.")
     generation_batch_size: int = _f(16, "AlpacaEval seed settings.")
+    generation_engine: Literal["auto", "transformers", "vllm"] = _f(
+        "auto", "Evaluation generation: vLLM when importable and on GPU ('auto'), else transformers.")
+    judge_mode: Literal["generate", "likelihood"] = _f(
+        "generate", "'generate': the judge writes an answer that is parsed safely; 'likelihood': a local judge "
+        "scores the admissible answers (the two rankings; the ratings 1-10) and the likeliest is its verdict.")
+    judge_base_url: Optional[str] = _f("https://api.openai.com/v1", "Chat-completions URL of the judge (openai).")
+    judge_api_key_env: str = _f("OPENAI_API_KEY", "Env variable holding the judge's API key (openai).")
+    judge_region: str = _f("us-east-1", "AWS region of the judge (bedrock).")
+    judge_replay_file: Optional[str] = _f(None, "Recorded judge answers (replay).", source=True)
+    judge_temperature: float = _f(0.0, "Judge sampling temperature (FastChat's MT-Bench judge uses 0).")
+    judge_max_tokens: int = _f(2048, "Judge answer budget (FastChat's MT-Bench judge uses 2048).")
+    judge_num_proc: int = _f(8, "Concurrent judge calls (API judges).")
+    judge_max_answer_chars: int = _f(4000, "Longer judge answers are not parsed: counted as unparseable.")
+    ci_level: float = _f(0.95, "Confidence level of win-rate and score intervals (percentile bootstrap).")
+    bootstrap_samples: int = _f(2000, "Bootstrap resamples for those intervals.")
+    alpaca_eval: Literal["run", "annotations", "skip"] = _f(
+        "run", "'run': alpaca_eval generates (vLLM, seed config) and annotates (needs the judge's key); "
+        "'annotations': read <method>/annotations.json from alpaca_annotations_dir; 'skip'.")
+    alpaca_annotators_config: str = _f("weighted_alpaca_eval_gpt4_turbo", "AlpacaEval 2.0 annotator (LC default).")
+    alpaca_annotations_dir: Optional[str] = _f(None, "Folder of <method>/annotations.json from alpaca_eval runs.",
+                                               source=True)
+    mt_bench_max_new_tokens: int = _f(1024, "MT-Bench tokens per answer turn (FastChat gen_model_answer default).")
+    mt_bench_reference_answers: Optional[str] = _f(
+        None, "FastChat's reference_answer/gpt-4.jsonl: math/reasoning/coding are graded against it as FastChat "
+        "does; None: the general single-answer prompt for every question (the chapter says so).", source=True)
+    hacking_num_prompts: int = _f(256, "UF test prompts per checkpoint in the reward-hacking study.")
+    hacking_every_n_checkpoints: int = _f(1, "Evaluate every n-th saved checkpoint of the two-episode runs.")
 
 
 @dataclass
@@ -205,6 +251,8 @@ class Profile:
     precision: Literal["fp32", "bf16"] = _f("bf16", "Training/inference dtype.")
     runs_dir: str = _f("runs", "Where runs are written (relative to the project root).")
     report_to: Literal["none", "tensorboard", "wandb"] = _f("none", "Trainer logging backend.")
+    num_processes: int = _f(1, "Training processes; >1 launches stages with `accelerate launch`.")
+    accelerate_config: Optional[str] = _f(None, "accelerate config file for multi-process stages.", source=True)
     models: ModelsConfig = field(default_factory=ModelsConfig, metadata={"help": "Model ids."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data preparation."})
     extraction: ExtractionConfig = field(default_factory=ExtractionConfig, metadata={"help": "Rule extraction."})
