@@ -8,10 +8,7 @@ add a BOS that the paper's format does not have (``<|user|>{prompt}<|assistant|>
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -77,7 +74,7 @@ def common_args(profile: Profile, out_dir: Path, *, learning_rate: float, warmup
         warmup_steps=warmup_ratio, max_grad_norm=max_grad_norm, max_steps=max_steps, save_strategy="steps",
         save_steps=save_steps, logging_steps=1, seed=profile.seed, report_to=profile.report_to,
         adam_beta1=betas[0], adam_beta2=betas[1], bf16=profile.precision == "bf16" and not cpu,
-        use_cpu=cpu, dataloader_pin_memory=not cpu, gradient_checkpointing=gradient_checkpointing and not cpu,
+        use_cpu=cpu, dataloader_pin_memory=not cpu, activation_checkpointing=gradient_checkpointing and not cpu,
         save_only_model=False, disable_tqdm=True,
     )
 
@@ -88,20 +85,28 @@ def settings_hash(*parts) -> str:
     return cache_key({"parts": [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts]})[:16]
 
 
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def prepare_output(out_dir: Path, settings: str, force: bool) -> bool:
     """True if the stage must run. A finished stage with the same settings is kept; different settings move
-    the old output aside (nothing is deleted) so stale checkpoints are never resumed."""
-    done = out_dir / "done.json"
-    stamp = out_dir / "settings.json"
-    if done.exists() and not force and read_json(done).get("settings_hash") == settings:
-        return False
-    if out_dir.exists() and (force or (stamp.exists() and read_json(stamp)["settings_hash"] != settings)):
-        n = 1
-        while (aside := out_dir.with_name(f"{out_dir.name}.old{n}")).exists():
-            n += 1
-        out_dir.rename(aside)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(stamp, {"settings_hash": settings})
+    the old output aside (nothing is deleted) so stale checkpoints are never resumed. Under several
+    processes the main one decides and moves; the others follow it."""
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():
+        done, stamp = out_dir / "done.json", out_dir / "settings.json"
+        if done.exists() and not force and read_json(done).get("settings_hash") == settings:
+            return False
+        if is_main_process():
+            if out_dir.exists() and (force or (stamp.exists() and read_json(stamp)["settings_hash"] != settings)):
+                n = 1
+                while (aside := out_dir.with_name(f"{out_dir.name}.old{n}")).exists():
+                    n += 1
+                out_dir.rename(aside)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_json(stamp, {"settings_hash": settings})
     return True
 
 
@@ -112,12 +117,13 @@ def last_checkpoint(out_dir: Path) -> str | None:
 
 
 def finish(trainer, profile: Profile, stage: str, out_dir: Path, final_dir: Path, settings: str, **extra) -> Path:
-    trainer.save_model(str(final_dir))
-    if trainer.processing_class is not None:
-        trainer.processing_class.save_pretrained(str(final_dir))
-    write_json(out_dir / "log_history.json", trainer.state.log_history)
-    write_json(out_dir / "done.json", {"settings_hash": settings, "global_step": trainer.state.global_step,
-                                       **provenance(profile, stage, **extra)})
+    trainer.save_model(str(final_dir))  # collective under DeepSpeed: every rank calls it
+    if is_main_process():
+        if trainer.processing_class is not None:
+            trainer.processing_class.save_pretrained(str(final_dir))
+        write_json(out_dir / "log_history.json", trainer.state.log_history)
+        write_json(out_dir / "done.json", {"settings_hash": settings, "global_step": trainer.state.global_step,
+                                           **provenance(profile, stage, **extra)})
     return final_dir
 
 
@@ -204,7 +210,7 @@ def train_reward_model(profile: Profile, rows: list[dict], eval_rows: list[dict]
                       max_grad_norm=cfg.max_grad_norm, max_steps=cfg.max_steps, save_steps=cfg.save_steps,
                       gradient_checkpointing=cfg.gradient_checkpointing),
         num_train_epochs=cfg.num_train_epochs, per_device_train_batch_size=cfg.per_device_batch_size,
-        per_device_eval_batch_size=cfg.per_device_batch_size, pad_token=cfg.pad_token,
+        per_device_eval_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=accumulation_steps(cfg.global_batch_size, cfg.per_device_batch_size,
                                                        "reward_model"),
         max_length=cfg.max_length, eval_strategy="no",
@@ -386,9 +392,4 @@ def train_ppo(profile: Profile, prompts: list[dict], sft_model: str, rm_model: s
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                          value_model=value, train_dataset=Dataset.from_dict({"input_ids": ids}))
     trainer.train()
-    trainer.save_model(str(final))
-    tok.save_pretrained(str(final))
-    write_json(out_dir / "log_history.json", trainer.state.log_history)
-    write_json(out_dir / "done.json", {"settings_hash": settings, "global_step": trainer.state.global_step,
-                                       **provenance(profile, "ppo", sft_model=sft_model, rm_model=rm_model)})
-    return final
+    return finish(trainer, profile, "ppo", out_dir, final, settings, sft_model=sft_model, rm_model=rm_model)

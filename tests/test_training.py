@@ -1,0 +1,135 @@
+"""Training stages on TRL: the no-BOS format, resume from checkpoints, rejection of unrunnable configs."""
+import dataclasses
+import json
+
+import pytest
+
+from autorule_lib.config import ConfigError, TinyModelConfig, load_profile
+from autorule_lib.tiny_models import build_tiny_llama, build_tiny_tokenizer
+from autorule_lib import training as T
+from conftest import uf_row
+
+ROWS = [uf_row(prompt=f"Question {i}: name a colour.", chosen=f"Blue is a calm colour number {i}.",
+               rejected="no") for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    cfg = TinyModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
+    texts = [t for r in ROWS for t in (r["prompt"], r["chosen"][1]["content"], r["rejected"][1]["content"])]
+    tok = build_tiny_tokenizer(texts, cfg, d / "tok")
+    build_tiny_llama(tok, cfg, d / "policy")
+    return str(d / "policy")
+
+
+def smoke(**sft):
+    p = load_profile("smoke")
+    p.sft = dataclasses.replace(p.sft, **sft)
+    return p
+
+
+def rows_with_content(rows):
+    return [dict(r, chosen_content=r["chosen"][1]["content"], rejected_content=r["rejected"][1]["content"])
+            for r in rows]
+
+
+def test_sft_example_has_no_bos_and_masks_the_prompt(tiny):
+    tok = T.load_tokenizer(tiny)
+    ex = T.sft_example("Hi?", "Hello.", tok, 512)
+    assert ex["input_ids"][0] != tok.bos_token_id and ex["input_ids"][-1] == tok.eos_token_id
+    n_prompt = len(tok("<|user|>Hi?<|assistant|>", add_special_tokens=False)["input_ids"])
+    assert ex["labels"][:n_prompt] == [-100] * n_prompt and ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:]
+    assert tok.decode(ex["input_ids"]) == "<|user|>Hi?<|assistant|>Hello. <|end_of_text|>"
+
+
+class StepRecorder:
+    """A TrainerCallback that records the steps run and can stop the process mid-training."""
+
+    def __init__(self, crash_at=None):
+        self.crash_at, self.steps, self.start_step = crash_at, [], None
+
+    def __getattr__(self, name):  # every other callback event: no-op
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.start_step = state.global_step
+
+    def on_step_end(self, args, state, control, **kw):
+        self.steps.append(state.global_step)
+        if state.global_step == self.crash_at:
+            raise KeyboardInterrupt("simulated interruption")
+
+
+def test_sft_resumes_from_last_checkpoint_and_finished_stage_is_kept(tiny, tmp_path):
+    profile = smoke(max_steps=4, save_steps=2, global_batch_size=2, per_device_batch_size=2)
+    rows = rows_with_content(ROWS)
+    first = StepRecorder(crash_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        T.train_sft(profile, rows, rows[:2], tiny, tmp_path / "sft", callbacks=[first])
+    assert first.steps == [1, 2, 3] and (tmp_path / "sft/checkpoint-2").exists()
+    assert not (tmp_path / "sft/done.json").exists()
+
+    second = StepRecorder()
+    T.train_sft(profile, rows, rows[:2], tiny, tmp_path / "sft", callbacks=[second])
+    assert second.start_step == 2 and second.steps == [3, 4]  # continued, not restarted
+    done = json.loads((tmp_path / "sft/done.json").read_text())
+    assert done["global_step"] == 4 and (tmp_path / "sft/model/config.json").exists()
+
+    third = StepRecorder()
+    T.train_sft(profile, rows, rows[:2], tiny, tmp_path / "sft", callbacks=[third])
+    assert third.start_step is None  # finished with the same settings: not retrained
+
+    changed = smoke(max_steps=2, save_steps=2, global_batch_size=2, per_device_batch_size=2)
+    T.train_sft(changed, rows, rows[:2], tiny, tmp_path / "sft")
+    assert (tmp_path / "sft.old1/done.json").exists()  # the old run is moved aside, not deleted
+    assert json.loads((tmp_path / "sft/done.json").read_text())["global_step"] == 2
+
+
+def test_reward_model_reads_score_at_eos_and_normalises(tiny, tmp_path):
+    profile = load_profile("smoke")
+    profile.reward_model = dataclasses.replace(profile.reward_model, max_steps=2, global_batch_size=2,
+                                               per_device_batch_size=2)
+    rows = rows_with_content(ROWS)
+    path = T.train_reward_model(profile, rows, rows[:2], tiny, tmp_path / "rm")
+    scorer = T.RewardModelScorer(path, profile.reward_model.pad_token)
+    assert scorer.tokenizer.pad_token_id != scorer.tokenizer.eos_token_id
+    # right padding must not change a text's score: it is read at its own EOS
+    alone = scorer.score_texts(["<|user|>a<|assistant|>b <|end_of_text|>"])[0]
+    padded = scorer.score_texts(["<|user|>a<|assistant|>b <|end_of_text|>",
+                                 "<|user|>a much longer prompt here<|assistant|>and a longer answer <|end_of_text|>"])
+    assert padded[0] == pytest.approx(alone, abs=1e-5)
+    stats = T.rm_normalization(scorer, rows[:4])
+    assert stats["n_texts"] == 8 and stats["std"] > 0
+
+
+def test_unrunnable_configs_are_rejected_before_training(tiny, tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="sft: global batch 10 is not a multiple"):
+        T.train_sft(smoke(global_batch_size=10, per_device_batch_size=4), rows_with_content(ROWS), [], tiny,
+                    tmp_path / "a")
+    p = load_profile("smoke")
+    p.report_to = "wandb"
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="report_to: 'wandb' needs the WANDB_API_KEY"):
+        T.train_sft(p, rows_with_content(ROWS), [], tiny, tmp_path / "b")
+    p = load_profile("smoke")
+    p.grpo_variants["odd"] = {"prompts_per_rollout": 3, "num_generations": 2, "train_batch_size": 4}
+    with pytest.raises(ConfigError, match="grpo: prompts_per_rollout x num_generations = 6"):
+        T.grpo_args(p, p.grpo_variant("odd"), tmp_path / "c")
+    p.reward_model = dataclasses.replace(p.reward_model, pad_token="<|not_a_token|>")
+    with pytest.raises(ConfigError, match="reward_model.pad_token"):
+        T.load_rm_tokenizer(tiny, p.reward_model.pad_token)
+
+
+def test_grpo_kl_switch_and_loss_mapping(tmp_path):
+    p = load_profile("paper")
+    p.device = "auto"  # the mapping, not the hardware, is under test
+    nominal = T.grpo_args(p, p.grpo_variant("rm_only"), tmp_path)
+    p.grpo = dataclasses.replace(p.grpo, kl_mode="original_zero_grad")
+    zero = T.grpo_args(p, p.grpo_variant("rm_only"), tmp_path)
+    assert nominal["beta"] == 1e-3 and zero["beta"] == 0.0
+    assert nominal["generation_batch_size"] == 2048 and nominal["loss_type"] == "bnpo"
+    assert nominal["save_steps"] == 2 * 16  # every 2 rollouts of 16 updates
+    assert T.grpo_args(p, p.grpo_variant("length_control"), tmp_path)["learning_rate"] == 3e-7
