@@ -37,3 +37,43 @@ def profile_summary(profile) -> pd.DataFrame:
         ("GRPO runs", ", ".join(p.grpo_variants) or "-"),
     ]
     return pd.DataFrame(rows, columns=["setting", "value"]).set_index("setting")
+
+
+def log_frame(log_history: list[dict]) -> pd.DataFrame:
+    """A trainer's log history (one row per logged step; the final summary row dropped)."""
+    rows = [r for r in log_history if "step" in r and "train_runtime" not in r]
+    return pd.DataFrame(rows).set_index("step") if rows else pd.DataFrame()
+
+
+def plot_curves(curves: dict[str, pd.DataFrame], keys: list[str], title: str = ""):
+    """One panel per logged key, one line per run (runs lacking a key are skipped)."""
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in keys if any(k in df.columns for df in curves.values())]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.3 * len(keys), 2.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for name, df in curves.items():
+            if key in df.columns:
+                ax.plot(df.index, df[key], marker="o", label=name)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_score_distributions(chosen: list[float], rejected: list[float], mean: float, std: float):
+    """Normalised RM scores of chosen vs rejected responses."""
+    import matplotlib.pyplot as plt
+
+    z = lambda xs: [(x - mean) / std for x in xs]
+    fig, ax = plt.subplots(figsize=(6, 2.8))
+    ax.hist(z(chosen), bins=20, alpha=0.6, label="chosen")
+    ax.hist(z(rejected), bins=20, alpha=0.6, label="rejected")
+    ax.set_xlabel("(RM score - mu) / sigma")
+    ax.legend()
+    fig.tight_layout()
+    return fig
