@@ -262,9 +262,13 @@ class Profile:
     reward_model: RewardModelStageConfig = field(default_factory=RewardModelStageConfig, metadata={"help": "RM stage."})
     grpo: GRPOStageConfig = field(default_factory=GRPOStageConfig, metadata={"help": "GRPO defaults."})
     grpo_variants: dict[str, dict] = _f({}, "Named GRPO runs: overrides of `grpo` per run.")
+    grpo_runs: Optional[list[str]] = _f(None, "Which named GRPO runs the training chapter trains (None: all).")
     ppo: PPOStageConfig = field(default_factory=PPOStageConfig, metadata={"help": "PPO baseline."})
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig, metadata={"help": "Evaluation."})
     source_file: Optional[str] = _f(None, "Set by the loader: the YAML this profile came from.")
+
+    def grpo_run_names(self) -> list[str]:
+        return list(self.grpo_runs) if self.grpo_runs is not None else list(self.grpo_variants)
 
     def grpo_variant(self, name: str) -> GRPOStageConfig:
         """The GRPO settings of one named run (defaults overlaid with its overrides)."""
@@ -441,6 +445,9 @@ def load_profile(name_or_file: str | Path) -> Profile:
     _check_sources_exist(profile)
     for name in profile.grpo_variants:  # validate every named run now, not mid-training
         profile.grpo_variant(name)
+    for name in profile.grpo_runs or []:
+        if name not in profile.grpo_variants:
+            raise ConfigError(f"grpo_runs: {name!r} is not a name in grpo_variants ({sorted(profile.grpo_variants)})")
     profile.source_file = str(path)
     return profile
 

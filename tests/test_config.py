@@ -73,3 +73,9 @@ def test_frozen_profile_reloads_to_same_hash(tmp_path):
 
     p = load_profile("smoke")
     assert load_profile(dump_profile(p, tmp_path / "profile.yaml")).hash() == p.hash()
+
+
+def test_grpo_runs_must_name_variants(tmp_path):
+    assert load_profile("single_gpu").grpo_run_names() == ["autorule_uf", "rm_only", "length_penalty"]
+    with pytest.raises(ConfigError, match="grpo_runs: 'nope' is not a name in grpo_variants"):
+        load_profile(write(tmp_path, "extends: smoke\ngrpo_runs: [nope]\n"))
