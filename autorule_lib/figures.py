@@ -42,7 +42,10 @@ def profile_summary(profile) -> pd.DataFrame:
 def log_frame(log_history: list[dict]) -> pd.DataFrame:
     """A trainer's log history (one row per logged step; the final summary row dropped)."""
     rows = [r for r in log_history if "step" in r and "train_runtime" not in r]
-    return pd.DataFrame(rows).set_index("step") if rows else pd.DataFrame()
+    if not rows:
+        return pd.DataFrame()
+    # TRL's PPO logs its metrics as formatted strings
+    return pd.DataFrame(rows).set_index("step").apply(pd.to_numeric, errors="coerce")
 
 
 def plot_curves(curves: dict[str, pd.DataFrame], keys: list[str], title: str = ""):
@@ -77,3 +80,7 @@ def plot_score_distributions(chosen: list[float], rejected: list[float], mean: f
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def deviations_table(rows: list[tuple[str, str, str]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["setting", "paper / original", "this implementation"]).set_index("setting")
