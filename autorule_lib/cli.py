@@ -1,4 +1,4 @@
-"""The ``autorule`` command line: prepare-data, run, book, profile."""
+"""The ``autorule`` command line: prepare-data, extract-rules, run, book, profile."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +23,28 @@ def _cmd_prepare_data(args) -> int:
         dropped = ", ".join(f"{k}={v}" for k, v in r["dropped"].items())
         print(f"{split}: {r['rows_in']} in, {r['rows_kept']} kept ({dropped})")
     print(f"wrote {args.output_dir}/report.json")
+    return 0
+
+
+def _cmd_extract_rules(args) -> int:
+    from .extraction import ExtractionError, extract_rules_from_source, stage_table, with_overrides
+
+    profile = load_profile(args.profile)
+    cfg = with_overrides(profile.extraction, llm=args.llm, model=args.model, base_url=args.base_url,
+                         num_proc=args.num_proc, uf_num_examples=args.uf_num_examples,
+                         mt_num_examples_per_question=args.mt_num_examples_per_question)
+    source = args.source or (profile.data.ultrafeedback_source if args.dataset_type == "uf"
+                             else profile.data.mt_bench_source)
+    try:
+        result = extract_rules_from_source(profile, args.dataset_type, source, args.output_dir, split=args.split,
+                                           cfg=cfg, cache_path=args.cache)
+    except ExtractionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for row in stage_table(result.report):
+        print(" ".join(f"{k}={v}" for k, v in row.items()))
+    print(f"{len(result.merged_rules)} rules (hash {result.rule_set_hash[:16]}) from "
+          f"{result.report['examples_ok']}/{result.report['examples']} examples -> {args.output_dir}/merged_rules.json")
     return 0
 
 
@@ -69,6 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--hf-username", "--hf_username", help="push the processed dataset to <user>/" "processed_...")
     d.add_argument("--skip-bad-rows", "--skip_bad_rows", action="store_true", help="skip and count malformed rows")
     d.set_defaults(func=_cmd_prepare_data)
+
+    e = sub.add_parser("extract-rules", help="Explain, extract and merge rules with a reasoning model (METHOD.md §2).")
+    e.add_argument("--dataset_type", "--dataset-type", required=True, choices=["uf", "mt"])
+    e.add_argument("--output_dir", "--output-dir", required=True)
+    e.add_argument("--uf_num_examples", "--uf-num-examples", type=int, help="UF pairs to explain (paper: 256)")
+    e.add_argument("--mt_num_examples_per_question", "--mt-num-examples-per-question", type=int,
+                   help="MT-Bench judgments per training question (paper: 8)")
+    e.add_argument("--num_proc", "--num-proc", type=int, help="concurrent calls (paper: 8)")
+    e.add_argument("--llm", choices=["bedrock", "openai", "local", "replay"], help="client (default: the profile's)")
+    e.add_argument("--base-url", "--base_url", help="OpenAI-compatible server URL (--llm openai)")
+    e.add_argument("--model", help="model id for the chosen client")
+    e.add_argument("--source", help="Hub id, save_to_disk folder, or folder of <split>.jsonl/.parquet "
+                   "(default: the profile's; train_prefs is read for uf, human for mt)")
+    e.add_argument("--split", help="read this split instead (e.g. rm_train of prepared sets)")
+    e.add_argument("--cache", help="response cache file (default: <output_dir>/llm_cache.sqlite)")
+    e.add_argument("--profile", default="smoke", help="profile name or YAML file (default: smoke)")
+    e.set_defaults(func=_cmd_extract_rules)
 
     r = sub.add_parser("run", help="Execute the book's notebooks in order with papermill.")
     r.add_argument("--profile", default="smoke")
