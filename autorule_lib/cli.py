@@ -1,4 +1,4 @@
-"""The ``autorule`` command line: prepare-data, extract-rules, run, book, profile."""
+"""The ``autorule`` command line: prepare-data, extract-rules, run, book, profile, slurm."""
 from __future__ import annotations
 
 import argparse
@@ -78,6 +78,29 @@ def _cmd_profile(args) -> int:
     return 0
 
 
+def _cmd_slurm(args) -> int:
+    from .estimates import to_markdown
+    from .slurm import TEMPLATES_DIR, Options, render, submit
+
+    profile = load_profile(args.profile)
+    opts = Options(partition=args.partition, cpu_partition=args.cpu_partition, account=args.account, nodes=args.nodes,
+                   gpus_per_node=args.gpus_per_node, time=args.time, cpu_time=args.cpu_time,
+                   cpus_per_gpu=args.cpus_per_gpu, policy_vllm_gpus=args.policy_vllm_gpus,
+                   verifier_gpus=args.verifier_gpus, parallel_runs=args.parallel_runs, max_requeues=args.max_requeues,
+                   setup=args.setup or [], sbatch_args=args.sbatch_arg or [],
+                   only=[x for item in (args.only or []) for x in item.split(",") if x] or None)
+    out = render(profile, opts, run_dir=args.run_dir, scripts_dir=args.output_dir,
+                 templates_dir=args.templates or TEMPLATES_DIR)
+    print(to_markdown(out["estimates"]))
+    print(f"wrote {len(out['jobs'])} job scripts, submit.sh, estimates.md and estimates.json to {out['scripts_dir']}; "
+          f"frozen profile and run dir: {out['run_dir']}")
+    if args.dry_run:
+        print(f"dry run: nothing submitted. Submit with: bash {out['scripts_dir'] / 'submit.sh'}")
+        return 0
+    print(submit(out["scripts_dir"]), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autorule", description="AutoRule Book: run the reproduction stage by stage.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -124,6 +147,35 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("profile", help="Validate a profile and print its resolved settings and hash.")
     s.add_argument("profile")
     s.set_defaults(func=_cmd_profile)
+
+    c = sub.add_parser("slurm", help="Write (and submit) one SLURM job per stage, chained, with estimates.")
+    c.add_argument("--profile", required=True, help="profile name or YAML file (frozen into the run dir)")
+    c.add_argument("--output-dir", help="where the job scripts go (default: <run dir>/slurm)")
+    c.add_argument("--run-dir", help="run directory on a shared filesystem (default: <runs_dir>/<profile name>)")
+    c.add_argument("--partition", help="partition of the GPU jobs (default: the cluster's)")
+    c.add_argument("--cpu-partition", help="partition of the CPU-only jobs (default: --partition)")
+    c.add_argument("--account", help="SLURM account to charge")
+    c.add_argument("--nodes", type=int, default=1,
+                   help="nodes per training job (04-06) without vLLM servers; every other job uses one")
+    c.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: the profile's num_processes)")
+    c.add_argument("--time", default="24:00:00", help="time limit of GPU jobs; longer stages requeue and resume")
+    c.add_argument("--cpu-time", default="04:00:00", help="time limit of CPU-only jobs")
+    c.add_argument("--cpus-per-gpu", type=int, default=8, help="CPU cores per GPU (CPU jobs get this many)")
+    c.add_argument("--policy-vllm-gpus", type=int,
+                   help="GPUs for `trl vllm-serve` in GRPO jobs (default: 1 if a run uses vllm_mode server; 0: none)")
+    c.add_argument("--verifier-gpus", type=int,
+                   help="GPUs for the `vllm serve` verifier when the profile's verifier is a server on the job's node "
+                        "(backend openai, api_base_url on localhost; default 4, the paper's)")
+    c.add_argument("--parallel-runs", action="store_true",
+                   help="one job per GRPO run and PPO, side by side, before the 06 notebook collects them")
+    c.add_argument("--max-requeues", type=int, default=20, help="a job requeued more often than this fails")
+    c.add_argument("--setup", action="append", help="shell line run first in every job (repeatable), "
+                   "e.g. 'module load cuda/12.4'")
+    c.add_argument("--sbatch-arg", action="append", help="extra #SBATCH option (repeatable), e.g. --sbatch-arg=--qos=high")
+    c.add_argument("--only", action="append", help="stages to submit: numbers or names, comma-separated")
+    c.add_argument("--templates", help="folder with edited job.sbatch.j2/submit.sh.j2 (default: configs/slurm)")
+    c.add_argument("--dry-run", action="store_true", help="write the scripts and estimates, submit nothing")
+    c.set_defaults(func=_cmd_slurm)
     return p
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -84,13 +85,32 @@ def _call(stage: str, profile: Profile, run_dir: Path, variant: str | None, forc
     return {"sft": sft_stage, "reward_model": reward_model_stage, "ppo": ppo_stage}[stage](profile, run_dir, force)
 
 
+def num_processes(profile: Profile, environ=None) -> int:
+    """The profile's process count, unless a cluster job says how many its allocation has (autorule slurm)."""
+    env = os.environ if environ is None else environ
+    return int(env.get("AUTORULE_NUM_PROCESSES") or profile.num_processes)
+
+
 def accelerate_command(stage: str, profile: Profile, run_dir: Path, variant: str | None = None,
-                       force: bool = False) -> list[str]:
-    """`accelerate launch` of this module with the profile's accelerate config and process count."""
-    frozen = dump_profile(profile, Path(run_dir) / "profile.yaml")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(profile.num_processes)]
+                       force: bool = False, environ=None) -> list[str]:
+    """`accelerate launch` of this module with the profile's accelerate config and process count.
+
+    Under `autorule slurm` the job exports AUTORULE_NUM_PROCESSES and, for several nodes, AUTORULE_NUM_MACHINES,
+    AUTORULE_MAIN_PROCESS_IP/PORT and AUTORULE_NODE_LAUNCHER (an srun prefix): one launcher then starts on each
+    node and learns its machine rank there (autorule_lib.slurm node-rank). Without them: one node, as before."""
+    env = os.environ if environ is None else environ
+    frozen = Path(run_dir) / "profile.yaml"
+    if profile.source_file != str(frozen.resolve()):  # parallel cluster jobs read that file: never rewrite it
+        frozen = dump_profile(profile, frozen)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes(profile, env))]
     if profile.accelerate_config:
         cmd += ["--config_file", profile.accelerate_config]
+    machines = int(env.get("AUTORULE_NUM_MACHINES") or 1)
+    if machines > 1:
+        cmd += ["--num_machines", str(machines), "--main_process_ip", env["AUTORULE_MAIN_PROCESS_IP"],
+                "--main_process_port", env.get("AUTORULE_MAIN_PROCESS_PORT", "29500")]
+        cmd = shlex.split(env["AUTORULE_NODE_LAUNCHER"]) + [sys.executable, "-m", "autorule_lib.slurm",
+                                                            "node-rank", "--"] + cmd
     cmd += ["-m", "autorule_lib.training_stages", stage, "--profile", str(frozen), "--run-dir", str(run_dir)]
     cmd += (["--variant", variant] if variant else []) + (["--force"] if force else [])
     return cmd
@@ -102,7 +122,7 @@ def run_stage(stage: str, profile: Profile, run_dir: str | Path, variant: str | 
     if stage not in STAGES:
         raise ValueError(f"unknown training stage {stage!r} (have {STAGES})")
     run_dir = Path(run_dir)
-    if profile.num_processes <= 1:
+    if num_processes(profile) <= 1:
         return _call(stage, profile, run_dir, variant, force)
     cmd = accelerate_command(stage, profile, run_dir, variant, force)
     print("launching:", " ".join(cmd), flush=True)
@@ -112,15 +132,23 @@ def run_stage(stage: str, profile: Profile, run_dir: str | Path, variant: str | 
     return out.get(stage, artifacts(run_dir, GRPO) / str(variant) / "final")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Run one training stage (used by `accelerate launch`).")
     p.add_argument("stage", choices=STAGES)
     p.add_argument("--profile", required=True)
     p.add_argument("--run-dir", required=True)
     p.add_argument("--variant")
     p.add_argument("--force", action="store_true")
-    a = p.parse_args(argv)
-    _call(a.stage, load_profile(a.profile), Path(a.run_dir), a.variant, a.force)
+    p.add_argument("--launch", action="store_true",
+                   help="start it as the notebook does (accelerate launch when several processes); used by the "
+                        "one-job-per-run cluster jobs of `autorule slurm --parallel-runs`")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    call = run_stage if a.launch else _call
+    call(a.stage, load_profile(a.profile), Path(a.run_dir), a.variant, a.force)
     return 0
 
 
