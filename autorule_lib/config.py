@@ -108,6 +108,15 @@ class VerifierConfig:
     concise_clause: bool = _f(True, "Ask whether the response complies 'and does so concisely' (newer variant).")
     truncate_prompt_tokens: Optional[int] = _f(None, "Right-truncate judge prompts (original quirk: 1024).")
     batch_size: int = _f(64, "Prompts per forward/generation batch.")
+    min_answer_mass: float = _f(
+        0.1, "Fast mode: if the judge's probability of answering [[Yes]] or [[No]] at all is below this, unscored.")
+    unparseable_as_no: bool = _f(
+        False, "Count an output holding neither [[Yes]] nor [[No]] as 0, as the original's substring test did "
+               "(default: unscored, with a reason, and counted).")
+    api_base_url: Optional[str] = _f(None, "OpenAI-compatible server URL (backend openai).")
+    api_region: str = _f("us-east-1", "AWS region (backend bedrock).")
+    num_workers: int = _f(8, "Concurrent judge calls (API backends).")
+    use_cache: bool = _f(True, "Keep verdicts in the run's persistent verdict cache (cache/verdicts.sqlite).")
 
 
 @dataclass
@@ -119,6 +128,12 @@ class RewardConfig:
     rule_weight: float = _f(1.0, "Weight of the rule reward.")
     length_threshold: int = _f(300, "Length penalty starts above this many completion tokens (EOS counted).")
     length_scale: int = _f(600, "Length penalty = max(0, (L - threshold) / scale).")
+    min_scored_rule_fraction: float = _f(
+        1.0, "A response's rule reward needs at least this fraction of its rules scored (the fraction is then taken "
+             "over the scored rules); below it the rule reward is None. 1.0: any unscored rule unscores the response.")
+    unscored_response: Literal["drop", "rm_only"] = _f(
+        "drop", "When the rule reward is None: 'drop' makes every reward None for that response (TRL then gives it "
+                "zero advantage); 'rm_only' keeps its RM reward (TRL's nansum then counts the rule reward as 0).")
 
 
 @dataclass
@@ -286,6 +301,7 @@ class Profile:
             ("MT-Bench question split", self.data.mt_split, "intended", "original"),
             ("verifier prompt truncation", str(self.verifier.truncate_prompt_tokens), "None", "1024"),
             ("verifier 'concisely' clause", str(self.verifier.concise_clause), "True", "True"),
+            ("verifier output with no verdict", "0" if self.verifier.unparseable_as_no else "unscored", "0", "0"),
             ("filter applied to SFT/RM/RL data", str(self.data.filter_training_data), "unstated", "True"),
             ("UF win-rate judge / reference", f"{self.evaluation.judge_model} / {self.evaluation.reference}",
              "unstated", "unstated"),

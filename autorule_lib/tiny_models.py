@@ -108,4 +108,8 @@ def resolve_model(profile: Profile, role: str, models_dir: str | Path) -> str:
              "tokenizer": profile.models.tokenizer or profile.models.policy}[role]
     if value != "tiny":
         return value
+    if role == "verifier":  # a judge trained to answer [[Yes]]/[[No]], not the random tiny Llama
+        from .tiny_verifier import ensure_tiny_verifier
+
+        return str(ensure_tiny_verifier(profile, models_dir))
     return str(ensure_tiny_models(profile, models_dir)[role])

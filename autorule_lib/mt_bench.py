@@ -1,0 +1,244 @@
+"""MT-Bench on the held-out questions (METHOD.md §5): FastChat's ``ar-llama`` template, single-answer grading.
+
+Importing this module registers the seed's FastChat adapter and conversation template (SEED_EVAL.md
+§3) with FastChat's own ``register_model_adapter`` / ``register_conv_template``, so FastChat's
+scripts and our code render ``<|user|>Q1<|assistant|>A1<|user|>Q2<|assistant|>`` without anyone
+editing FastChat. FastChat picks an adapter by the checkpoint folder's name, which must contain
+``ar-llama``: ``fastchat_model_path`` links a checkpoint under such a name.
+
+Answers follow FastChat's ``gen_model_answer`` (per-category temperature, greedy below 1e-4, both
+turns in one conversation). Grading follows its single-answer mode: turn 1 with ``single-v1``, turn
+2 with ``single-v1-multi-turn`` (the whole conversation, judged on the second answer), the rating
+read from ``[[r]]`` (then ``[r]``); an answer without a rating is counted, not scored. With
+FastChat's GPT-4 reference answers (``evaluation.mt_bench_reference_answers``), math, reasoning and
+coding questions use the ``single-math-v1`` prompts against them, as FastChat does.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from fastchat.conversation import Conversation, SeparatorStyle, conv_templates, get_conv_template, register_conv_template
+from fastchat.model.model_adapter import BaseModelAdapter, model_adapters, register_model_adapter
+
+from .winrate import bootstrap_ci
+
+TEMPLATE_NAME = "ar-llama"
+
+
+# ---------------------------------------------------------------- the seed's adapter and template (verbatim)
+
+class ARLlamaAdapter(BaseModelAdapter):
+    """The model adapter for AutoRule and its baselines"""
+
+    def match(self, model_path: str):
+        return "ar-llama" in model_path.lower()
+
+    def load_model(self, model_path: str, from_pretrained_kwargs: dict):
+        model, tokenizer = super().load_model(model_path, from_pretrained_kwargs)
+        model.config.eos_token_id = tokenizer.eos_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model, tokenizer
+
+    def get_default_conv_template(self, model_path: str) -> Conversation:
+        return get_conv_template("ar-llama")
+
+
+def register() -> None:
+    """Idempotent: a re-imported module (notebook autoreload) must not register twice."""
+    if not any(isinstance(a, ARLlamaAdapter) or type(a).__name__ == "ARLlamaAdapter" for a in model_adapters):
+        register_model_adapter(ARLlamaAdapter)
+    if TEMPLATE_NAME not in conv_templates:
+        register_conv_template(
+            Conversation(
+                name="ar-llama",
+                roles=("<|user|>", "<|assistant|>"),
+                sep_style=SeparatorStyle.NO_COLON_SINGLE,
+                sep="",
+            )
+        )
+
+
+register()
+
+
+def fastchat_model_path(checkpoint: str | Path, name: str, links_dir: str | Path) -> Path:
+    """A symlink ``<links_dir>/ar-llama-<name>`` to a checkpoint, so FastChat's scripts pick our adapter."""
+    link = Path(links_dir) / f"ar-llama-{name}"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        if link.is_symlink() and os.readlink(link) == str(Path(checkpoint).resolve()):
+            return link
+        link.unlink()
+    link.symlink_to(Path(checkpoint).resolve(), target_is_directory=True)
+    return link
+
+
+def render(turns: list[str]) -> str:
+    """The ar-llama prompt for a conversation of alternating user/assistant texts, ending with the
+    assistant's turn to speak (an odd number of turns)."""
+    conv = get_conv_template(TEMPLATE_NAME)
+    for i, text in enumerate(turns):
+        conv.append_message(conv.roles[i % 2], text)
+    conv.append_message(conv.roles[1], None)
+    return conv.get_prompt()
+
+
+# ---------------------------------------------------------------- questions
+
+CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
+# FastChat llm_judge/common.py: sampling temperature per category, and the ones graded against a reference.
+TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0,
+               "stem": 0.1, "humanities": 0.1}
+NEED_REF_CATS = ("math", "reasoning", "coding")
+
+
+def category(question_id: int) -> str:
+    """MT-Bench ids 81-160 come in blocks of ten per category."""
+    return CATEGORIES[(question_id - 81) // 10]
+
+
+def questions_from_judgments(rows: list[dict]) -> list[dict]:
+    """The two user turns of each held-out question, read from its human-judgment conversations."""
+    out = {}
+    for r in rows:
+        qid = r["question_id"]
+        if qid not in out:
+            conv = r["conversation_a"]
+            out[qid] = {"question_id": qid, "category": category(qid),
+                        "turns": [conv[0]["content"], conv[2]["content"]]}
+    return [out[q] for q in sorted(out)]
+
+
+# ---------------------------------------------------------------- answering
+
+def answer_questions(checkpoint: str | Path, questions: list[dict], max_new_tokens: int, cache, *,
+                     device: str = "cpu", dtype: str = "fp32", engine: str = "auto", seed: int = 42,
+                     batch_size: int = 16) -> list[dict]:
+    """Both turns for every question: turn 2 is asked after the model's own turn-1 answer."""
+    from .generation import GenerationSettings, generate
+
+    def settings(q):
+        return GenerationSettings(temperature=TEMPERATURE[q["category"]], top_p=1.0, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, seed=seed)
+
+    answers = {q["question_id"]: [] for q in questions}
+    for turn in (0, 1):
+        by_temp: dict[float, list[dict]] = {}
+        for q in questions:
+            by_temp.setdefault(TEMPERATURE[q["category"]], []).append(q)
+        for _, group in sorted(by_temp.items()):
+            prompts = []
+            for q in group:
+                history = [q["turns"][0]] + ([answers[q["question_id"]][0], q["turns"][1]] if turn else [])
+                prompts.append(render(history))
+            outs = generate(checkpoint, prompts, settings(group[0]), cache, device=device, dtype=dtype,
+                            engine=engine)
+            for q, o in zip(group, outs):
+                answers[q["question_id"]].append(o["text"])
+    return [{"question_id": q["question_id"], "category": q["category"], "turns": answers[q["question_id"]]}
+            for q in questions]
+
+
+# ---------------------------------------------------------------- grading
+
+def load_judge_prompts(path: str | Path | None = None) -> dict[str, dict]:
+    """FastChat's single-answer judge prompts by name.
+
+    Default: the four ``single-*`` entries of FastChat's ``llm_judge/data/judge_prompts.jsonl``
+    (Apache-2.0), copied verbatim into ``prompts/mt_bench_judge_prompts.json`` because the fschat
+    wheel does not ship its data folder. ``path`` may name FastChat's own JSONL file instead.
+    """
+    text = (Path(path).read_text(encoding="utf-8") if path else
+            resources.files("autorule_lib").joinpath("prompts/mt_bench_judge_prompts.json").read_text("utf-8"))
+    rows = json.loads(text) if text.lstrip().startswith("[") else [
+        json.loads(line) for line in text.splitlines() if line.strip()]
+    return {d["name"]: d for d in rows}
+
+
+def load_reference_answers(path: str | Path | None) -> dict[int, list[str]]:
+    """FastChat's reference_answer/gpt-4.jsonl: question_id -> the two reference turns."""
+    if not path:
+        return {}
+    refs = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            d = json.loads(line)
+            refs[int(d["question_id"])] = d["choices"][0]["turns"]
+    return refs
+
+
+def judge_messages(question: dict, answer: dict, turn: int, prompts: dict[str, dict],
+                   references: dict[int, list[str]]) -> tuple[str, list[dict]]:
+    """(prompt name, messages) grading ``turn`` (1 or 2) of one answer, as FastChat's run_judge_single."""
+    ref = references.get(question["question_id"]) if question["category"] in NEED_REF_CATS else None
+    name = ("single-math-v1" if ref else "single-v1") + ("-multi-turn" if turn == 2 else "")
+    template = prompts[name]
+    kwargs = {}
+    if ref:
+        kwargs["ref_answer_1"] = ref[0]
+        if turn == 2:
+            kwargs["ref_answer_2"] = ref[1]
+    if turn == 2:
+        user = template["prompt_template"].format(question_1=question["turns"][0], question_2=question["turns"][1],
+                                                  answer_1=answer["turns"][0], answer_2=answer["turns"][1], **kwargs)
+    else:
+        user = template["prompt_template"].format(question=question["turns"][0], answer=answer["turns"][0], **kwargs)
+    return name, [{"role": "system", "content": template["system_prompt"]}, {"role": "user", "content": user}]
+
+
+ONE_SCORE = re.compile(r"\[\[(\d+\.?\d*)\]\]")
+ONE_SCORE_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
+ADMISSIBLE_RATINGS = [f"Rating: [[{r}]]" for r in range(1, 11)]
+
+
+def parse_rating(text: str | None) -> float | None:
+    """FastChat's rule: the first ``[[r]]``, else the first ``[r]``; read as a number, never executed."""
+    if not text:
+        return None
+    match = ONE_SCORE.search(text) or ONE_SCORE_BACKUP.search(text)
+    if not match:
+        return None
+    value = float(match.group(1))
+    return value if 0 <= value <= 10 else None
+
+
+def grade(questions: list[dict], answers: list[dict], judge, prompts: dict[str, dict],
+          references: dict[int, list[str]] | None = None) -> list[dict]:
+    """One record per (question, turn): the rating, or why there is none ("failed"/"unparseable")."""
+    references = references or {}
+    by_id = {a["question_id"]: a for a in answers}
+    items = []
+    for q in questions:
+        for turn in (1, 2):
+            name, messages = judge_messages(q, by_id[q["question_id"]], turn, prompts, references)
+            items.append((q, turn, name, messages))
+    if judge.mode == "likelihood":
+        replies = [judge.choose(m, ADMISSIBLE_RATINGS) for *_, m in items]
+    else:
+        replies = judge.ask_many([m for *_, m in items])
+    records = []
+    for (q, turn, name, _), reply in zip(items, replies):
+        rating = parse_rating(reply.text)
+        status = "failed" if reply.text is None else ("ok" if rating is not None else "unparseable")
+        records.append({"question_id": q["question_id"], "category": q["category"], "turn": turn,
+                        "judge_prompt": name, "score": rating, "status": status, "reason": reply.error,
+                        "answer": None if reply.text is None else reply.text[:500]})
+    return records
+
+
+def summarize(records: list[dict], level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean score per turn (and both turns) with bootstrap intervals, and the counts without a score."""
+    out = {}
+    for key, turns in (("turn_1", (1,)), ("turn_2", (2,)), ("overall", (1, 2))):
+        scores = [r["score"] for r in records if r["turn"] in turns and r["score"] is not None]
+        lo, hi = bootstrap_ci(scores, level, n_boot, seed)
+        out[key] = {"score": float(np.mean(scores)) if scores else float("nan"), "ci_low": lo, "ci_high": hi,
+                    "n_scored": len(scores)}
+    out["n_unparseable"] = sum(r["status"] == "unparseable" for r in records)
+    out["n_failed"] = sum(r["status"] == "failed" for r in records)
+    return out
