@@ -51,6 +51,8 @@ def _quiet_progress_bars() -> None:
 
     warnings.filterwarnings("ignore", category=TqdmWarning)
     warnings.filterwarnings("ignore", category=TqdmExperimentalWarning)
+    # deprecations raised inside transformers/TRL by their own calls: nothing a reader can act on
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl)\.")
     try:
         import datasets
         import transformers

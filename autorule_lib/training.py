@@ -127,6 +127,38 @@ def finish(trainer, profile: Profile, stage: str, out_dir: Path, final_dir: Path
     return final_dir
 
 
+def progress_lines(every: int = 0):
+    """A TrainerCallback printing one short line per logging interval instead of the full log dict
+    (which buries the notebooks); the full history is kept in log_history.json and plotted."""
+    from transformers import TrainerCallback
+
+    keys = ("loss", "reward", "objective/scores", "eval_loss", "accuracy", "kl", "completions/mean_length")
+
+    class ProgressLines(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            n = every or max(1, state.max_steps // 10)
+            due = state.global_step % n == 0 or state.global_step == state.max_steps
+            shown = " ".join(f"{k}={float(logs[k]):.4g}" for k in keys if k in (logs or {}))
+            if shown and state.is_world_process_zero and due:
+                run = Path(args.output_dir).name
+                print(f"{run}: step {state.global_step}/{state.max_steps} {shown}", flush=True)
+
+    return ProgressLines()
+
+
+def start(trainer, out_dir: Path | None) -> None:
+    """Train from the last checkpoint under ``out_dir`` if there is one (None: no resume), with one-line
+    progress."""
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(progress_lines())
+    if out_dir is None:
+        trainer.train()
+    else:
+        trainer.train(resume_from_checkpoint=last_checkpoint(out_dir))
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
@@ -170,7 +202,7 @@ def train_sft(profile: Profile, rows: list[dict], eval_rows: list[dict], base_mo
     )
     trainer = SFTTrainer(model=base_model, args=args, train_dataset=to_ds(rows), eval_dataset=to_ds(eval_rows),
                          processing_class=tok, callbacks=callbacks)
-    trainer.train(resume_from_checkpoint=last_checkpoint(out_dir))
+    start(trainer, out_dir)
     metrics = trainer.evaluate()
     return finish(trainer, profile, "sft", out_dir, final, settings, base_model=base_model, eval_metrics=metrics)
 
@@ -218,7 +250,7 @@ def train_reward_model(profile: Profile, rows: list[dict], eval_rows: list[dict]
     to_ds = lambda rs: Dataset.from_list([rm_pair(r, tok) for r in rs])
     trainer = RewardTrainer(model=model, args=args, train_dataset=to_ds(rows), eval_dataset=to_ds(eval_rows),
                             processing_class=tok, callbacks=callbacks)
-    trainer.train(resume_from_checkpoint=last_checkpoint(out_dir))
+    start(trainer, out_dir)
     metrics = trainer.evaluate()
     return finish(trainer, profile, "reward_model", out_dir, final, settings, sft_model=sft_model,
                   eval_metrics=metrics)
@@ -338,7 +370,7 @@ def train_grpo(profile: Profile, variant_name: str, prompts: list[dict], sft_mod
                                      train_dataset=Dataset.from_list(grpo_prompts(prompts, tok,
                                                                                   variant.max_prompt_length)),
                                      processing_class=tok, callbacks=callbacks)
-    trainer.train(resume_from_checkpoint=last_checkpoint(out_dir))
+    start(trainer, out_dir)
     return finish(trainer, profile, f"grpo/{variant_name}", out_dir, final, settings, sft_model=sft_model,
                   variant=dataclasses.asdict(variant), reward_funcs=names, reward_weights=reward_weights)
 
@@ -391,5 +423,5 @@ def train_ppo(profile: Profile, prompts: list[dict], sft_model: str, rm_model: s
         m.config.pad_token_id = tok.pad_token_id
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                          value_model=value, train_dataset=Dataset.from_dict({"input_ids": ids}))
-    trainer.train()
+    start(trainer, None)  # TRL's PPO loop takes no checkpoint: an interrupted run restarts
     return finish(trainer, profile, "ppo", out_dir, final, settings, sft_model=sft_model, rm_model=rm_model)
