@@ -27,7 +27,7 @@ test: setup
 	$(PY) -m pytest -q
 
 lab: setup
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --ServerApp.kernel_manager_class=jupyter_server.services.kernels.kernelmanager.AsyncMappingKernelManager
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
 
 clean-runs:
 	rm -rf runs/ book/_build
