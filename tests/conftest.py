@@ -37,3 +37,20 @@ def mt_row(question_id=81, winner="model_a", turn=1, model_a="gpt-4", model_b="l
                         {"content": f"{who} answer 2", "role": "assistant"}]
     return {"question_id": question_id, "model_a": model_a, "model_b": model_b, "winner": winner, "judge": judge,
             "conversation_a": conv(model_a), "conversation_b": conv(model_b), "turn": turn}
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on one thread: immune to CPU contention from other processes."""
+    from autorule_lib.tiny_verifier import one_torch_thread as one_thread
+
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def models_dir(request, tmp_path_factory):
+    """The smoke profile's tiny models, built once and reused across sessions (the build stamps cover the
+    recipe, tokenizer and prompts)."""
+    cache = getattr(request.config, "cache", None)
+    return cache.mkdir("autorule-tiny-models") if cache else tmp_path_factory.mktemp("models")

@@ -152,18 +152,7 @@ def test_builder_loads_missing_parts_from_the_run(tmp_path):
     assert funcs[1](["Q"], ["good"]) == [pytest.approx(1.0)]  # (3 - 1) / 2 with the run's frozen mu, sigma
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    from autorule_lib.tiny_verifier import one_torch_thread
-
-    with one_torch_thread():  # tiny models: immune to CPU contention from other processes
-        yield
-
-
-@pytest.fixture(scope="module")
-def models_dir(request, tmp_path_factory):
-    cache = getattr(request.config, "cache", None)
-    return cache.mkdir("autorule-tiny-models") if cache else tmp_path_factory.mktemp("models")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_two_grpo_steps_with_the_autorule_reward(models_dir, tmp_path):

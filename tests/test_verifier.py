@@ -174,19 +174,7 @@ def smoke():
     return load_profile("smoke")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    from autorule_lib.tiny_verifier import one_torch_thread
-
-    with one_torch_thread():  # tiny models: immune to CPU contention from other processes
-        yield
-
-
-@pytest.fixture(scope="module")
-def models_dir(request, tmp_path_factory):
-    # Built once and reused across sessions; the build stamp covers the recipe, tokenizer and prompts.
-    cache = getattr(request.config, "cache", None)
-    return cache.mkdir("autorule-tiny-models") if cache else tmp_path_factory.mktemp("models")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
