@@ -66,13 +66,6 @@ def load_rm_normalizer(path: str | Path) -> tuple[float, float]:
     return mean, std
 
 
-def rm_normalizer_stats(scores: Sequence[float]) -> dict:
-    """μ and σ (population) of RM scores, e.g. over chosen ∪ rejected of the filtered test_prefs."""
-    n = len(scores)
-    mean = sum(scores) / n
-    return {"mean": mean, "std": math.sqrt(sum((s - mean) ** 2 for s in scores) / n), "n": n}
-
-
 # ---------------------------------------------------------------- TRL inputs -> texts
 
 def _prompt_text(prompt) -> str:
@@ -266,21 +259,3 @@ def _from_run(profile: Profile, run_dir: Path, rm_scorer, rm_normalizer, tokeniz
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(profile, "tokenizer", run_dir / "models"))
     return rm_scorer, rm_normalizer, tokenizer
-
-
-def sequence_classifier_scorer(model, tokenizer, batch_size: int = 8, max_length: int | None = None) -> Scorer:
-    """Score full policy texts with a ``*ForSequenceClassification`` RM (reward read at the last token)."""
-    import torch
-
-    device = next(model.parameters()).device
-
-    def score(texts: list[str]) -> list[float]:
-        out = []
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i:i + batch_size], add_special_tokens=False, padding=True,
-                            truncation=bool(max_length), max_length=max_length, return_tensors="pt").to(device)
-            with torch.inference_mode():
-                out += model(**enc).logits[:, 0].float().tolist()
-        return out
-
-    return score

@@ -133,3 +133,12 @@ def test_grpo_kl_switch_and_loss_mapping(tmp_path):
     assert nominal["generation_batch_size"] == 2048 and nominal["loss_type"] == "bnpo"
     assert nominal["save_steps"] == 2 * 16  # every 2 rollouts of 16 updates
     assert T.grpo_args(p, p.grpo_variant("length_control"), tmp_path)["learning_rate"] == 3e-7
+
+
+def test_rm_normalization_is_population_mean_and_std_over_chosen_and_rejected():
+    class Fixed:
+        def score(self, prompts, responses):
+            return [{"c": 1.0, "r": 3.0}[x] for x in responses]
+
+    stats = T.rm_normalization(Fixed(), [{"prompt": "p", "chosen_content": "c", "rejected_content": "r"}])
+    assert stats["mean"] == 2.0 and stats["std"] == 1.0 and stats["n_texts"] == 2 and stats["pair_accuracy"] == 0.0
