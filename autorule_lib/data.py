@@ -63,9 +63,7 @@ def load_source(source: str, splits: Iterable[str] | None = None) -> dict[str, l
         else:
             found = {}
             for f in sorted(path.iterdir()):
-                if f.suffix == ".jsonl":
-                    found[f.stem] = f
-                elif f.suffix == ".parquet":
+                if f.suffix in (".jsonl", ".parquet"):
                     found[f.stem] = f
         missing = [s for s in (wanted or []) if s not in found]
         if missing or not found:

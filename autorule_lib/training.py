@@ -15,7 +15,7 @@ from typing import Callable
 from .artifacts import provenance, read_json, write_json
 from .cache import cache_key
 from .config import ConfigError, Profile
-from .text_format import completion_text, policy_prompt
+from .text_format import completion_text, policy_prompt, policy_text
 
 
 # Settings of METHOD.md §4 that TRL 1.12 cannot express exactly, and what is used instead.
@@ -189,8 +189,8 @@ def train_sft(profile: Profile, rows: list[dict], eval_rows: list[dict], base_mo
     if not prepare_output(out_dir, settings, force):
         return final
     tok = load_tokenizer(base_model)
-    to_ds = lambda rs: Dataset.from_list([sft_example(r["prompt"], r["chosen_content"] if "chosen_content" in r
-                                                      else r["response"], tok, cfg.max_length) for r in rs])
+    to_ds = lambda rs: Dataset.from_list([sft_example(r["prompt"], r["chosen_content"], tok, cfg.max_length)
+                                          for r in rs])
     args = SFTConfig(
         **common_args(profile, out_dir, learning_rate=cfg.learning_rate, warmup_ratio=cfg.warmup_ratio,
                       max_grad_norm=cfg.max_grad_norm, max_steps=cfg.max_steps, save_steps=cfg.save_steps,
@@ -211,7 +211,7 @@ def train_sft(profile: Profile, rows: list[dict], eval_rows: list[dict], base_mo
 
 def rm_pair(row: dict, tokenizer) -> dict:
     """Chosen and rejected as full policy texts (no BOS, ' <eos>' at the end), tokenised."""
-    enc = lambda resp: tokenizer(policy_prompt(row["prompt"]) + completion_text(resp, tokenizer.eos_token),
+    enc = lambda resp: tokenizer(policy_text(row["prompt"], resp, tokenizer.eos_token),
                                  add_special_tokens=False)["input_ids"]
     return {"chosen_ids": enc(row["chosen_content"]), "rejected_ids": enc(row["rejected_content"])}
 
@@ -283,7 +283,7 @@ class RewardModelScorer:
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         eos = self.tokenizer.eos_token
-        return self.score_texts([policy_prompt(p) + completion_text(r.removesuffix(eos).rstrip(), eos)
+        return self.score_texts([policy_text(p, r.removesuffix(eos).rstrip(), eos)
                                  for p, r in zip(prompts, responses)])
 
 
