@@ -241,19 +241,37 @@ def render_prompt(tokenizer, template: JudgeTemplate, conversation: str, rule: s
 RULE_SLOT = "\ue000rule\ue000"  # private-use characters: never part of a real rule or conversation
 
 
+@dataclass
+class PieceMemo:
+    """Rule pieces tokenized and checked once per judge, not once per call: a GRPO run asks about the
+    same rules at every step. A check holds for the text just before the cut (template text in both
+    layouts), so it is keyed on that text's end and the rule piece."""
+
+    encoded: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    checked: dict[tuple[str, str], bool] = dataclasses.field(default_factory=dict)
+    max_entries: int = 4096
+
+    def trim(self) -> None:
+        if len(self.encoded) + len(self.checked) > self.max_entries:
+            self.encoded.clear()
+            self.checked.clear()
+
+
 def prompt_token_ids(tokenizer, template: JudgeTemplate, items: Sequence[tuple[str, str]],
-                     truncate: int | None = None) -> list[list[int]]:
+                     truncate: int | None = None, memo: PieceMemo | None = None) -> list[list[int]]:
     """Token ids of each judge prompt; the chat template brings its own BOS, so none is added here.
 
     Each prompt is tokenized as two pieces, the text before the rule and the rule onwards, every distinct
     piece once (a conversation's K prompts share the first piece; with the conversation_first layout the
     K rule pieces are shared by all conversations). The cut is placed where the tokenizer's
     pre-tokenizer splits anyway (before the space that starts the rule) and checked against whole-prompt
-    tokenization for every conversation (with one rule) and every rule (with one conversation); where a
-    check fails, that conversation's or rule's prompts are tokenized whole.
+    tokenization for every conversation (with one rule) and every rule (with one conversation, or once
+    per ``memo``); where a check fails, that conversation's or rule's prompts are tokenized whole.
     ``truncate`` keeps the first N tokens (the original's right truncation: a long response loses its
     end and the answer instructions).
     """
+    memo = memo if memo is not None else PieceMemo()
+    memo.trim()
     cuts: dict[str, tuple[str, str] | None] = {}
     for conv, _ in items:
         if conv not in cuts:
@@ -262,26 +280,36 @@ def prompt_token_ids(tokenizer, template: JudgeTemplate, items: Sequence[tuple[s
             ok = i >= 2 and text.count(RULE_SLOT) == 1 and text[i - 1] == " " and not text[i - 2].isspace()
             cuts[conv] = (text[:i - 1], text[i + len(RULE_SLOT):]) if ok else None
     pieces = lambda conv, rule: (cuts[conv][0], " " + rule.strip() + cuts[conv][1])  # noqa: E731
+    rule_key = lambda conv, rule: (cuts[conv][0][-32:], pieces(conv, rule)[1])  # noqa: E731
     wanted = {x for conv, rule in items if cuts[conv] for x in pieces(conv, rule)}
     if len(wanted) >= len(items):  # nothing shared (rule_first: each rule piece holds the conversation)
         cuts, wanted = dict.fromkeys(cuts), set()
-    # Check every conversation with one rule and every rule with one conversation.
+    # Check every conversation with one rule and every rule not checked before with one conversation.
     first_rule, first_conv = {}, {}
+    bad_rules = set()
     for conv, rule in items:
         if cuts[conv]:
             first_rule.setdefault(conv, rule)
-            first_conv.setdefault(rule, conv)
+            known = memo.checked.get(rule_key(conv, rule))
+            if known is None:
+                first_conv.setdefault(rule, conv)
+            elif not known:
+                bad_rules.add(rule)
     checks = {(c, r) for c, r in first_rule.items()} | {(c, r) for r, c in first_conv.items()}
     whole_texts = {check: render_prompt(tokenizer, template, *check) for check in checks}
-    texts = sorted(wanted | set(whole_texts.values()))
+    texts = sorted((wanted - memo.encoded.keys()) | set(whole_texts.values()))
     encoded = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"])) if texts else {}
-    bad_rules = set()
+    encoded.update({x: memo.encoded[x] for x in wanted & memo.encoded.keys()})
     for (conv, rule), whole in whole_texts.items():
         head, part = pieces(conv, rule)
-        if encoded[head] + encoded[part] != encoded[whole]:
+        ok = encoded[head] + encoded[part] == encoded[whole]
+        if first_conv.get(rule) == conv:
+            memo.checked[rule_key(conv, rule)] = ok
+        if not ok:
             bad_rules.add(rule)
             if first_rule.get(conv) == rule:
                 cuts[conv] = None
+    memo.encoded.update({pieces(c, r)[1]: encoded[pieces(c, r)[1]] for c, r in items if cuts[c]})
     ids = [encoded[pieces(conv, rule)[0]] + encoded[pieces(conv, rule)[1]]
            if cuts[conv] and rule not in bad_rules else None for conv, rule in items]
     whole = [j for j, x in enumerate(ids) if x is None]

@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from .config import Profile, VerifierConfig
-from .verifier import (AnswerTokens, JudgeTemplate, Verdict, answer_tokens, parse_verdict, prompt_token_ids,
-                       unscored)
+from .verifier import (AnswerTokens, JudgeTemplate, PieceMemo, Verdict, answer_tokens, parse_verdict,
+                       prompt_token_ids, unscored)
 
 
 def _chunks(seq: Sequence, n: int):
@@ -60,11 +60,18 @@ class TransformersJudge:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stop_ids = _stop_ids(model, tokenizer)
         self.answer: AnswerTokens = answer_tokens(tokenizer)
+        self.pieces = PieceMemo()
+        from . import shared_prefix
+
+        self.can_share_prefix = shared_prefix.enable(self.model)
+        if not self.can_share_prefix:
+            warnings.warn(f"{type(model).__name__} does not dispatch attention through transformers' "
+                          "AttentionInterface: the fast verifier re-encodes every prompt (no prefix reuse)")
 
     # ------------------------------------------------------------ paper parity: greedy generation
 
     def generate(self, template: JudgeTemplate, items, cfg: VerifierConfig) -> list[Verdict]:
-        ids = prompt_token_ids(self.tok, template, items, cfg.truncate_prompt_tokens)
+        ids = prompt_token_ids(self.tok, template, items, cfg.truncate_prompt_tokens, self.pieces)
         order = sorted(range(len(ids)), key=lambda j: len(ids[j]))  # similar lengths together: less padding
         out: list[Verdict | None] = [None] * len(ids)
         for chunk in _chunks(order, cfg.batch_size):
@@ -105,13 +112,13 @@ class TransformersJudge:
         """One forward pass per item. With ``reuse_prefix``, the items of one conversation share the
         longest common token prefix of their prompts, encoded once; its KV cache serves every rule."""
         ids = [x + list(self.answer.prefix)
-               for x in prompt_token_ids(self.tok, template, items, cfg.truncate_prompt_tokens)]
+               for x in prompt_token_ids(self.tok, template, items, cfg.truncate_prompt_tokens, self.pieces)]
         out: list[Verdict | None] = [None] * len(ids)
         groups: dict[str, list[int]] = {}
         for j, (conv, _) in enumerate(items):
-            groups.setdefault(conv if reuse_prefix else str(j), []).append(j)
+            groups.setdefault(conv if reuse_prefix and self.can_share_prefix else str(j), []).append(j)
         group_list = sorted(groups.values(), key=lambda g: len(ids[g[0]]))
-        if not reuse_prefix:  # plain batches of whole prompts
+        if not (reuse_prefix and self.can_share_prefix):  # plain batches of whole prompts
             for chunk in _chunks([g[0] for g in group_list], cfg.batch_size):
                 self._guarded(chunk, out, lambda c=chunk: self._score_rows([ids[j] for j in c], cfg), "")
             return out  # type: ignore[return-value]
@@ -164,47 +171,34 @@ class TransformersJudge:
         return max(1, min(_common_prefix_len([ids[j] for j in group]), min(len(ids[j]) for j in group) - keep))
 
     def _score_with_prefix(self, groups: list[list[int]], ids: list[list[int]], cfg: VerifierConfig) -> list[Verdict]:
-        """Encode each conversation's shared prefix once (right padded), then every rule's suffix on top
-        of its rows of that KV cache (suffixes left padded, positions continuing from the prefix)."""
+        """Encode each conversation's shared prefix once, then every rule's suffix on top
+        of it: the suffixes packed into one row without padding, positions continuing from their prefix,
+        attending through ``shared_prefix`` (the prefix keys/values are never copied per rule)."""
         import torch
-        from transformers import DynamicCache
+
+        from .shared_prefix import SharedPrefix
 
         keep = len(self.answer.prefix) + 1
         plen = [self._shared_prefix_len(g, ids) for g in groups]
-        pwidth = max(plen)
-        pre_ids = torch.full((len(groups), pwidth), self.pad_id, dtype=torch.long)
-        pre_mask = torch.zeros((len(groups), pwidth), dtype=torch.long)
-        for i, (g, n) in enumerate(zip(groups, plen)):
-            pre_ids[i, :n] = torch.tensor(ids[g[0]][:n])
-            pre_mask[i, :n] = 1
         dev = self.device
-        with torch.inference_mode():
-            prefix_cache = self.model(input_ids=pre_ids.to(dev), attention_mask=pre_mask.to(dev), use_cache=True,
-                                      logits_to_keep=1).past_key_values  # only its keys/values are needed
+        with torch.inference_mode():  # one prefix per call: no padding, so attention stays causal-only
+            caches = [self.model(input_ids=torch.tensor([ids[g[0]][:n]], device=dev), use_cache=True,
+                                 logits_to_keep=1).past_key_values for g, n in zip(groups, plen)]
         rows = [(gi, j) for gi, g in enumerate(groups) for j in g]
         verdicts: list[Verdict] = []
         for chunk in _chunks(rows, cfg.batch_size):
-            owner = torch.tensor([gi for gi, _ in chunk], device=dev)
             suffixes = [ids[j][plen[gi]:] for gi, j in chunk]
-            swidth = max(len(s) for s in suffixes)
-            s_ids = torch.full((len(chunk), swidth), self.pad_id, dtype=torch.long)
-            s_mask = torch.zeros((len(chunk), swidth), dtype=torch.long)
-            s_pos = torch.zeros((len(chunk), swidth), dtype=torch.long)
-            for i, ((gi, _), s) in enumerate(zip(chunk, suffixes)):
-                s_ids[i, swidth - len(s):] = torch.tensor(s)
-                s_mask[i, swidth - len(s):] = 1
-                s_pos[i, swidth - len(s):] = torch.arange(plen[gi], plen[gi] + len(s))
-            # Each row gets its conversation's cached keys/values (a fresh cache: the forward appends to it);
-            # rows of a single conversation share one view of them instead of a copy each.
-            first = chunk[0][0]
-            pick = ((lambda t: t[first:first + 1].expand(len(chunk), *t.shape[1:]))
-                    if all(gi == first for gi, _ in chunk) else (lambda t: t[owner]))
-            cache = DynamicCache(ddp_cache_data=[(pick(k), pick(v)) for k, v, *_ in prefix_cache])
-            mask = torch.cat([pre_mask.to(dev)[owner], s_mask.to(dev)], dim=1)
-            with torch.inference_mode():
-                logits = self.model(input_ids=s_ids.to(dev), attention_mask=mask, position_ids=s_pos.to(dev),
-                                    past_key_values=cache, use_cache=True, logits_to_keep=keep).logits
-            verdicts.extend(self._readout(logits[:, -keep:], cfg))
+            lengths = [len(x) for x in suffixes]
+            shared = SharedPrefix.build(caches, [gi for gi, _ in chunk], lengths, self.model.dtype, dev)
+            tokens = torch.tensor([t for x in suffixes for t in x], device=dev)[None]
+            positions = torch.cat([torch.arange(plen[gi], plen[gi] + n) for (gi, _), n in zip(chunk, lengths)])
+            ends = torch.tensor(lengths).cumsum(0)
+            readout = (ends[:, None] - keep + torch.arange(keep)[None, :]).flatten()
+            with torch.inference_mode():  # the 4D suffix mask is taken as given: transformers builds no [T, T] mask
+                logits = self.model(input_ids=tokens, position_ids=positions[None].to(dev), use_cache=False,
+                                    attention_mask=shared.self_mask, shared_prefix=shared,
+                                    logits_to_keep=readout.to(dev)).logits
+            verdicts.extend(self._readout(logits[0].reshape(len(chunk), keep, -1), cfg))
         return verdicts
 
 
@@ -223,6 +217,7 @@ class VLLMJudge:
         self.llm = LLM(model=model_path, dtype=dtype, enable_prefix_caching=True, **engine_kwargs)
         self.tok = self.llm.get_tokenizer()
         self.answer = answer_tokens(self.tok)
+        self.pieces = PieceMemo()
 
     def _run(self, ids: list[list[int]], params):
         # Lexicographic order of token ids puts prompts with long common prefixes next to each other,
@@ -237,7 +232,7 @@ class VLLMJudge:
     def generate(self, template: JudgeTemplate, items, cfg: VerifierConfig) -> list[Verdict]:
         from vllm import SamplingParams
 
-        ids = prompt_token_ids(self.tok, template, items, cfg.truncate_prompt_tokens)
+        ids = prompt_token_ids(self.tok, template, items, cfg.truncate_prompt_tokens, self.pieces)
         try:
             results = self._run(ids, SamplingParams(temperature=0.0, max_tokens=cfg.max_new_tokens))
         except (RuntimeError, ValueError) as e:
@@ -248,7 +243,7 @@ class VLLMJudge:
         from vllm import SamplingParams
 
         ids = [x + list(self.answer.prefix)
-               for x in prompt_token_ids(self.tok, template, items, cfg.truncate_prompt_tokens)]
+               for x in prompt_token_ids(self.tok, template, items, cfg.truncate_prompt_tokens, self.pieces)]
         try:  # one generated token with its top log-probabilities; P(prefix) is not measured here (taken as 1)
             results = self._run(ids, SamplingParams(temperature=0.0, max_tokens=1, logprobs=20))
         except (RuntimeError, ValueError) as e:

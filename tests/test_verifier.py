@@ -268,6 +268,35 @@ def test_prompt_pieces_tokenize_like_whole_prompts(judge, checks, layout):
     assert prompt_token_ids(tok, tpl, items) == whole
 
 
+class _CountingTokenizer:
+    def __init__(self, tok):
+        self.tok, self.texts = tok, 0
+
+    def __call__(self, texts, **kw):
+        self.texts += len(texts)
+        return self.tok(texts, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_rule_pieces_are_checked_once_per_judge_and_stay_exact(judge, checks):
+    """A GRPO step re-judges the same rules: the memo skips their re-checks, never changing the ids."""
+    from autorule_lib.verifier import PieceMemo, render_prompt
+
+    convs, rules = checks
+    rules = rules + ["5-7-5 syllables.", "'Quoted' rule", "- a dash first", "ends with a space "]
+    tok, tpl, memo = _CountingTokenizer(judge.backend.tok), load_template("conversation_first"), PieceMemo()
+    counts = []
+    for step_convs in (convs[:3], convs[3:6]):
+        items = [(c, r) for c in step_convs for r in rules]
+        before = tok.texts
+        got = prompt_token_ids(tok, tpl, items, memo=memo)
+        counts.append(tok.texts - before)
+        assert got == tok.tok([render_prompt(tok, tpl, c, r) for c, r in items], add_special_tokens=False)["input_ids"]
+    assert counts[1] <= counts[0] - len(rules)  # neither the rule pieces nor their checks are tokenized again
+
+
 def test_api_backends_are_built_from_the_profile(tmp_path):
     from autorule_lib.verifier import build_verifier
     from autorule_lib.verifier_backends import make_api_client
