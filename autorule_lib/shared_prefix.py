@@ -1,15 +1,16 @@
-"""Shared-prefix attention: the K rule suffixes of one response attend to its prefix, kept once.
+"""Shared-prefix attention: one response's K rule checks in one packed row, its prefix encoded once.
 
-The fast verifier encodes each response's shared prompt prefix (instructions + conversation) once and
-then every rule's short suffix on top of it. Attending through a KV cache means copying the prefix's
-keys and values once per rule and padding every suffix to the longest. Here the suffixes are packed
-into one row without padding; the prefix keys/values stay one tensor per response, and all query
-tokens of its suffixes attend to them in one fused attention call (the "inter-sequence batching" of
-Hydragen, Juravsky et al. 2024). Each suffix also attends causally to itself; the two partial softmaxes
-are merged exactly through their log-sum-exps, as flash-decoding merges its splits.
+A judge prompt is a long prefix shared by all rules (instructions + conversation) and a short suffix
+per rule. Here each response's prefix and then its K suffixes are laid end to end in one row, with
+no padding, several responses per row: ``[prefix 1, rule 1, …, rule K, prefix 2, rule 1, …]``. In every
+layer the prefix attends causally to itself; every suffix token attends to its prefix, whose keys and
+values are used in place (never copied per rule), with all the suffix tokens of a response stacked into
+one fused attention call ("inter-sequence batching", Hydragen, Juravsky et al. 2024), and causally to
+its own suffix. The two partial softmaxes are merged exactly through their log-sum-exps, as
+flash-decoding merges its splits. No [T, T] mask is ever built, so the row costs what its pieces cost.
 
 It plugs into transformers through ``AttentionInterface``: ``enable(model)`` registers a dispatcher
-that runs this attention when a forward call carries ``shared_prefix=SharedPrefix(...)`` and the
+that runs this attention when a forward call carries ``packed_checks=PackedChecks(...)`` and the
 model's own attention otherwise, so generation and training on the same model are unchanged.
 """
 from __future__ import annotations
@@ -18,46 +19,61 @@ import sys
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 NAME = "autorule_shared_prefix"
 _CPU_FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 @dataclass
-class SharedPrefix:
-    """Cached prefixes and the layout of the packed suffix row that attends to them."""
+class PackedChecks:
+    """Where the prefixes and suffixes sit in the packed row."""
 
-    prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]]  # [prefix][layer]: keys, values [1, kv_heads, n, d]
-    spans: list[tuple[int, int, int]]  # (prefix index, first token, end token) in the packed row
-    gather: torch.Tensor  # [suffixes, longest]: packed-token index of each suffix's i-th token (pads repeat one)
-    scatter: torch.Tensor  # [packed tokens]: where each packed token sits in gather.flatten()
+    spans: list[tuple[int, int, int]]  # per response: prefix start, prefix end = first suffix token, end of suffixes
+    positions: torch.Tensor  # [T] position ids: a suffix continues its prefix's positions
+    suffix_tokens: torch.Tensor  # [Ts] row index of every suffix token, in row order
+    gather: torch.Tensor  # [suffixes * longest]: row index of each suffix's i-th token (pads repeat its first)
+    scatter: torch.Tensor  # [Ts] where each suffix token sits in ``gather``
+    longest: int
     self_mask: torch.Tensor  # [suffixes, 1, longest, longest] additive: causal within each suffix
+    readout: torch.Tensor  # row index of the last ``keep`` tokens of each suffix
 
     @classmethod
-    def build(cls, caches, owners: list[int], suffix_lengths: list[int], dtype: torch.dtype, device) -> "SharedPrefix":
-        """``caches[p]``: prefix p's KV cache (after RoPE); ``owners[r]``: the prefix suffix r continues.
-        Suffixes of one prefix must be adjacent."""
-        prefixes = [[(k, v) for k, v, *_ in cache] for cache in caches]
-        starts = [0]
-        for n in suffix_lengths:
-            starts.append(starts[-1] + n)
-        spans: list[tuple[int, int, int]] = []
-        for r, p in enumerate(owners):
-            if spans and spans[-1][0] == p:
-                spans[-1] = (p, spans[-1][1], starts[r + 1])
-            else:
-                spans.append((p, starts[r], starts[r + 1]))
-        if len({p for p, _, _ in spans}) != len(spans):
-            raise ValueError("suffixes of one prefix must be adjacent in the packed row")
-        longest = max(suffix_lengths)
+    def build(cls, prefixes: list[list[int]], suffixes: list[list[list[int]]], keep: int, dtype, device
+              ) -> tuple["PackedChecks", torch.Tensor]:
+        """(layout, token ids [1, T]) for ``prefixes[i]`` followed by its rule ``suffixes[i]``."""
+        tokens, positions, spans, starts, lengths = [], [], [], [], []
+        for prefix, rules in zip(prefixes, suffixes):
+            a = len(tokens)
+            tokens += prefix
+            positions += range(len(prefix))
+            for s in rules:
+                starts.append(len(tokens))
+                lengths.append(len(s))
+                tokens += s
+                positions += range(len(prefix), len(prefix) + len(s))
+            spans.append((a, a + len(prefix), len(tokens)))
+        longest = max(lengths)
         i = torch.arange(longest)
-        lengths = torch.tensor(suffix_lengths)
-        real = i[None, :] < lengths[:, None]
-        gather = torch.where(real, torch.tensor(starts[:-1])[:, None] + i[None, :], torch.tensor(starts[:-1])[:, None])
+        start, length = torch.tensor(starts)[:, None], torch.tensor(lengths)[:, None]
+        real = i[None, :] < length
         allowed = (i[None, None, :] <= i[None, :, None]) & real[:, None, :]
         self_mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, float("-inf"))[:, None]
-        return cls(prefixes, spans, gather.to(device),
-                   real.flatten().nonzero().squeeze(1).to(device), self_mask.to(device))
+        gather = torch.where(real, start + i[None, :], start)
+        layout = cls(spans, torch.tensor(positions, device=device), gather[real].to(device),
+                     gather.flatten().to(device), real.flatten().nonzero().squeeze(1).to(device), longest,
+                     self_mask.to(device), (start + length - keep + torch.arange(keep)[None, :]).flatten().to(device))
+        return layout, torch.tensor([tokens], device=device)
+
+
+def check_logits(model, prefixes: list[list[int]], suffixes: list[list[list[int]]], keep: int) -> torch.Tensor:
+    """Logits [checks, keep, vocab] at the last ``keep`` tokens of every suffix, each read as continuing
+    its own prefix; one forward pass for all (the model must be ``enable``d)."""
+    layout, tokens = PackedChecks.build(prefixes, suffixes, keep, model.dtype, model.device)
+    # The suffix mask goes in as the 4D mask: transformers takes it as given and builds no [T, T] mask.
+    logits = model(input_ids=tokens, position_ids=layout.positions[None], attention_mask=layout.self_mask,
+                   packed_checks=layout, use_cache=False, logits_to_keep=layout.readout).logits
+    return logits[0].reshape(-1, keep, logits.shape[-1])
 
 
 def _own_attention(module, base: str):
@@ -69,11 +85,11 @@ def _own_attention(module, base: str):
 
 
 def _dispatcher(base: str):
-    def attention(module, query, key, value, attention_mask, *args, shared_prefix: SharedPrefix | None = None,
+    def attention(module, query, key, value, attention_mask, *args, packed_checks: PackedChecks | None = None,
                   **kwargs):
-        if shared_prefix is None:
+        if packed_checks is None:
             return _own_attention(module, base)(module, query, key, value, attention_mask, *args, **kwargs)
-        out = attend(query[0], key[0], value[0], shared_prefix, module.layer_idx, kwargs.get("scaling", module.scaling))
+        out = attend(query[0], key[0], value[0], packed_checks, kwargs.get("scaling", module.scaling))
         return out.transpose(0, 1)[None].contiguous(), None
 
     return attention
@@ -98,9 +114,9 @@ def enable(model) -> bool:
     return model.config._attn_implementation == name
 
 
-def attention_with_lse(q, k, v, mask, scale: float, fused: bool = True):
+def attention_with_lse(q, k, v, mask, scale: float):
     """Softmax attention and its log-sum-exp per query. q [B, H, L, d], k/v [B, H, S, d], additive mask or None."""
-    if fused and _CPU_FUSED is not None and q.device.type == "cpu":
+    if _CPU_FUSED is not None and q.device.type == "cpu":
         return _CPU_FUSED(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
     if mask is not None:
@@ -109,36 +125,37 @@ def attention_with_lse(q, k, v, mask, scale: float, fused: bool = True):
     return torch.matmul(torch.exp(scores - lse[..., None]).to(v.dtype), v), lse
 
 
-def attend(query, key, value, sp: SharedPrefix, layer: int, scaling: float, fused: bool = True) -> torch.Tensor:
-    """Exact attention of every packed suffix token over [its prefix ; its suffix's causal past].
-
-    query [heads, T, d]; key/value [kv_heads, T, d] for the T packed suffix tokens. Returns [heads, T, d].
-    """
-    heads, tokens, dim = query.shape
+def attend(query, key, value, lay: PackedChecks, scaling: float) -> torch.Tensor:
+    """Exact attention over the packed row. query [heads, T, d]; key/value [kv_heads, T, d]. Returns [heads, T, d]."""
+    heads, _, dim = query.shape
     kv_heads = key.shape[0]
     rep = heads // kv_heads
-    rows, longest = sp.gather.shape
+    out = torch.empty_like(query)
+    o_pre, lse_pre = [], []
+    for a, b, end in lay.spans:
+        kp, vp = key[None, :, a:b], value[None, :, a:b]  # this response's prefix, in place
+        out[:, a:b] = F.scaled_dot_product_attention(query[None, :, a:b], kp, vp, is_causal=True, scale=scaling,
+                                                     enable_gqa=rep > 1)[0]
+        # All its suffix tokens (and the query heads sharing a kv head) in one call: [1, kv_heads, rep*n, d].
+        n = end - b
+        o, lse = attention_with_lse(query[:, b:end].reshape(kv_heads, rep * n, dim)[None], kp, vp, None, scaling)
+        o_pre.append(o[0].reshape(heads, n, dim))
+        lse_pre.append(lse[0].reshape(heads, n))
+    o_pre, lse_pre = torch.cat(o_pre, dim=1), torch.cat(lse_pre, dim=1)
 
-    def padded(t):  # [h, T, d] -> [rows, h, longest, d]
-        return t[:, sp.gather.flatten()].reshape(t.shape[0], rows, longest, dim).transpose(0, 1)
+    rows = lay.self_mask.shape[0]
+
+    def padded(t):  # [h, T, d] -> [suffixes, h, longest, d]
+        return t[:, lay.gather].reshape(t.shape[0], rows, lay.longest, dim).transpose(0, 1)
 
     k_self, v_self = padded(key), padded(value)
     if rep > 1:  # suffixes are short: expanding their own keys is cheap (the prefix's are never expanded)
         k_self, v_self = k_self.repeat_interleave(rep, dim=1), v_self.repeat_interleave(rep, dim=1)
-    o_self, lse_self = attention_with_lse(padded(query), k_self, v_self, sp.self_mask, scaling, fused)
-    o_self = o_self.transpose(0, 1).reshape(heads, rows * longest, dim)[:, sp.scatter]
-    lse_self = lse_self.transpose(0, 1).reshape(heads, rows * longest)[:, sp.scatter]
-
-    o_pre = torch.empty_like(query)
-    lse_pre = torch.empty(heads, tokens, dtype=torch.float32, device=query.device)
-    for p, lo, hi in sp.spans:
-        kp, vp = sp.prefixes[p][layer]  # one per response, never copied per rule
-        # Query heads sharing a kv head stack along the query axis: [1, kv_heads, rep * tokens, d].
-        q = query[:, lo:hi].reshape(kv_heads, rep * (hi - lo), dim)[None]
-        o, lse = attention_with_lse(q, kp, vp, None, scaling, fused)
-        o_pre[:, lo:hi] = o[0].reshape(heads, hi - lo, dim)
-        lse_pre[:, lo:hi] = lse[0].reshape(heads, hi - lo)
+    o_self, lse_self = attention_with_lse(padded(query), k_self, v_self, lay.self_mask, scaling)
+    o_self = o_self.transpose(0, 1).reshape(heads, -1, dim)[:, lay.scatter]
+    lse_self = lse_self.transpose(0, 1).reshape(heads, -1)[:, lay.scatter]
 
     m = torch.maximum(lse_pre, lse_self)
     w_pre, w_self = torch.exp(lse_pre - m)[..., None], torch.exp(lse_self - m)[..., None]
-    return ((o_pre.float() * w_pre + o_self.float() * w_self) / (w_pre + w_self)).to(query.dtype)
+    out[:, lay.suffix_tokens] = ((o_pre.float() * w_pre + o_self.float() * w_self) / (w_pre + w_self)).to(query.dtype)
+    return out

@@ -109,8 +109,8 @@ class TransformersJudge:
     # ------------------------------------------------------------ fast: next-token probabilities
 
     def score(self, template: JudgeTemplate, items, cfg: VerifierConfig, reuse_prefix: bool = True) -> list[Verdict]:
-        """One forward pass per item. With ``reuse_prefix``, the items of one conversation share the
-        longest common token prefix of their prompts, encoded once; its KV cache serves every rule."""
+        """One forward pass per batch of items. With ``reuse_prefix``, the items of one conversation share
+        the longest common token prefix of their prompts, encoded once and attended to by every rule."""
         ids = [x + list(self.answer.prefix)
                for x in prompt_token_ids(self.tok, template, items, cfg.truncate_prompt_tokens, self.pieces)]
         out: list[Verdict | None] = [None] * len(ids)
@@ -122,7 +122,8 @@ class TransformersJudge:
             for chunk in _chunks([g[0] for g in group_list], cfg.batch_size):
                 self._guarded(chunk, out, lambda c=chunk: self._score_rows([ids[j] for j in c], cfg), "")
             return out  # type: ignore[return-value]
-        per_batch = max(1, cfg.batch_size // max(len(g) for g in group_list))  # conversations per prefix pass
+        # Conversations per forward pass; one conversation's rules always share a pass.
+        per_batch = max(1, cfg.batch_size // max(len(g) for g in group_list))
         for gchunk in _chunks(group_list, per_batch):
             rows = [j for g in gchunk for j in g]
             self._guarded(rows, out, lambda gc=gchunk: self._score_with_prefix(gc, ids, cfg), " (prefix reuse)")
@@ -171,35 +172,17 @@ class TransformersJudge:
         return max(1, min(_common_prefix_len([ids[j] for j in group]), min(len(ids[j]) for j in group) - keep))
 
     def _score_with_prefix(self, groups: list[list[int]], ids: list[list[int]], cfg: VerifierConfig) -> list[Verdict]:
-        """Encode each conversation's shared prefix once, then every rule's suffix on top
-        of it: the suffixes packed into one row without padding, positions continuing from their prefix,
-        attending through ``shared_prefix`` (the prefix keys/values are never copied per rule)."""
+        """One forward pass for these conversations: each one's shared prefix once, then its rules' suffixes
+        (``shared_prefix``: packed, unpadded, the prefix keys/values never copied per rule)."""
         import torch
 
-        from .shared_prefix import SharedPrefix
+        from .shared_prefix import check_logits
 
-        keep = len(self.answer.prefix) + 1
         plen = [self._shared_prefix_len(g, ids) for g in groups]
-        dev = self.device
-        with torch.inference_mode():  # one prefix per call: no padding, so attention stays causal-only
-            caches = [self.model(input_ids=torch.tensor([ids[g[0]][:n]], device=dev), use_cache=True,
-                                 logits_to_keep=1).past_key_values for g, n in zip(groups, plen)]
-        rows = [(gi, j) for gi, g in enumerate(groups) for j in g]
-        verdicts: list[Verdict] = []
-        for chunk in _chunks(rows, cfg.batch_size):
-            suffixes = [ids[j][plen[gi]:] for gi, j in chunk]
-            lengths = [len(x) for x in suffixes]
-            shared = SharedPrefix.build(caches, [gi for gi, _ in chunk], lengths, self.model.dtype, dev)
-            tokens = torch.tensor([t for x in suffixes for t in x], device=dev)[None]
-            positions = torch.cat([torch.arange(plen[gi], plen[gi] + n) for (gi, _), n in zip(chunk, lengths)])
-            ends = torch.tensor(lengths).cumsum(0)
-            readout = (ends[:, None] - keep + torch.arange(keep)[None, :]).flatten()
-            with torch.inference_mode():  # the 4D suffix mask is taken as given: transformers builds no [T, T] mask
-                logits = self.model(input_ids=tokens, position_ids=positions[None].to(dev), use_cache=False,
-                                    attention_mask=shared.self_mask, shared_prefix=shared,
-                                    logits_to_keep=readout.to(dev)).logits
-            verdicts.extend(self._readout(logits[0].reshape(len(chunk), keep, -1), cfg))
-        return verdicts
+        with torch.inference_mode():
+            logits = check_logits(self.model, [ids[g[0]][:n] for g, n in zip(groups, plen)],
+                                  [[ids[j][n:] for j in g] for g, n in zip(groups, plen)], len(self.answer.prefix) + 1)
+        return self._readout(logits, cfg)
 
 
 class VLLMJudge:
