@@ -1,13 +1,15 @@
-"""Shared-prefix attention: one response's K rule checks in one packed row, its prefix encoded once.
+"""Shared-prefix attention: a call's rule checks in packed rows, every shared prefix encoded once.
 
-A judge prompt is a long prefix shared by all rules (instructions + conversation) and a short suffix
-per rule. Here each response's prefix and then its K suffixes are laid end to end in one row, with
-no padding, several responses per row: ``[prefix 1, rule 1, …, rule K, prefix 2, rule 1, …]``. In every
-layer the prefix attends causally to itself; every suffix token attends to its prefix, whose keys and
-values are used in place (never copied per rule), with all the suffix tokens of a response stacked into
-one fused attention call ("inter-sequence batching", Hydragen, Juravsky et al. 2024), and causally to
-its own suffix. The two partial softmaxes are merged exactly through their log-sum-exps, as
-flash-decoding merges its splits. No [T, T] mask is ever built, so the row costs what its pieces cost.
+A judge prompt is a head shared by every check (the instructions), a conversation part shared by the
+K rules of one response, and a short suffix per rule. The head is encoded once per call, in its own
+forward pass (``encode_head``). Each response's conversation part and then its K suffixes are laid end
+to end in one row, without padding, several responses per row:
+``[conversation 1, rule 1, …, rule K, conversation 2, rule 1, …]``. In every layer a conversation part
+attends to the head and causally to itself; a suffix token attends to the head, to its conversation
+part and causally to its own suffix. Keys and values of the shared parts are used in place, never
+copied per rule, and all suffix tokens of a response query a shared part in one fused call (the
+"inter-sequence batching" of Hydragen, Juravsky et al. 2024). The partial softmaxes are merged exactly
+through their log-sum-exps, as flash-decoding merges its splits; no [T, T] mask is ever built.
 
 It plugs into transformers through ``AttentionInterface``: ``enable(model)`` registers a dispatcher
 that runs this attention when a forward call carries ``packed_checks=PackedChecks(...)`` and the
@@ -27,10 +29,11 @@ _CPU_FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 
 @dataclass
 class PackedChecks:
-    """Where the prefixes and suffixes sit in the packed row."""
+    """Where the conversation parts and suffixes sit in the packed row, and the head they continue."""
 
-    spans: list[tuple[int, int, int]]  # per response: prefix start, prefix end = first suffix token, end of suffixes
-    positions: torch.Tensor  # [T] position ids: a suffix continues its prefix's positions
+    head: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: the head's keys, values [kv_heads, n, d]; may be empty
+    spans: list[tuple[int, int, int]]  # per response: conversation start, its end = first suffix token, end of suffixes
+    positions: torch.Tensor  # [T] position ids, continuing the head's
     suffix_tokens: torch.Tensor  # [Ts] row index of every suffix token, in row order
     gather: torch.Tensor  # [suffixes * longest]: row index of each suffix's i-th token (pads repeat its first)
     scatter: torch.Tensor  # [Ts] where each suffix token sits in ``gather``
@@ -39,20 +42,21 @@ class PackedChecks:
     readout: torch.Tensor  # row index of the last ``keep`` tokens of each suffix
 
     @classmethod
-    def build(cls, prefixes: list[list[int]], suffixes: list[list[list[int]]], keep: int, dtype, device
-              ) -> tuple["PackedChecks", torch.Tensor]:
-        """(layout, token ids [1, T]) for ``prefixes[i]`` followed by its rule ``suffixes[i]``."""
+    def build(cls, head, head_len: int, parts: list[list[int]], suffixes: list[list[list[int]]], keep: int, dtype,
+              device) -> tuple["PackedChecks", torch.Tensor]:
+        """(layout, token ids [1, T]) for each conversation part ``parts[i]`` followed by its ``suffixes[i]``."""
         tokens, positions, spans, starts, lengths = [], [], [], [], []
-        for prefix, rules in zip(prefixes, suffixes):
+        for part, rules in zip(parts, suffixes):
             a = len(tokens)
-            tokens += prefix
-            positions += range(len(prefix))
+            tokens += part
+            end = head_len + len(part)
+            positions += range(head_len, end)
             for s in rules:
                 starts.append(len(tokens))
                 lengths.append(len(s))
                 tokens += s
-                positions += range(len(prefix), len(prefix) + len(s))
-            spans.append((a, a + len(prefix), len(tokens)))
+                positions += range(end, end + len(s))
+            spans.append((a, a + len(part), len(tokens)))
         longest = max(lengths)
         i = torch.arange(longest)
         start, length = torch.tensor(starts)[:, None], torch.tensor(lengths)[:, None]
@@ -60,16 +64,28 @@ class PackedChecks:
         allowed = (i[None, None, :] <= i[None, :, None]) & real[:, None, :]
         self_mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, float("-inf"))[:, None]
         gather = torch.where(real, start + i[None, :], start)
-        layout = cls(spans, torch.tensor(positions, device=device), gather[real].to(device),
+        layout = cls(head, spans, torch.tensor(positions, device=device), gather[real].to(device),
                      gather.flatten().to(device), real.flatten().nonzero().squeeze(1).to(device), longest,
                      self_mask.to(device), (start + length - keep + torch.arange(keep)[None, :]).flatten().to(device))
         return layout, torch.tensor([tokens], device=device)
 
 
-def check_logits(model, prefixes: list[list[int]], suffixes: list[list[list[int]]], keep: int) -> torch.Tensor:
+def encode_head(model, head: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The head's keys and values per layer (the model's own attention: a plain causal pass)."""
+    if not head:
+        return []
+    cache = model(input_ids=torch.tensor([head], device=model.device), use_cache=True,
+                  logits_to_keep=1).past_key_values
+    return [(k[0], v[0]) for k, v, *_ in cache]
+
+
+def check_logits(model, head: list[int], parts: list[list[int]], suffixes: list[list[list[int]]], keep: int,
+                 head_kv=None) -> torch.Tensor:
     """Logits [checks, keep, vocab] at the last ``keep`` tokens of every suffix, each read as continuing
-    its own prefix; one forward pass for all (the model must be ``enable``d)."""
-    layout, tokens = PackedChecks.build(prefixes, suffixes, keep, model.dtype, model.device)
+    ``head + parts[i]``; one forward pass for all (the model must be ``enable``d). ``head_kv`` is
+    ``encode_head(model, head)``, computed once when several calls share the head."""
+    head_kv = encode_head(model, head) if head_kv is None else head_kv
+    layout, tokens = PackedChecks.build(head_kv, len(head), parts, suffixes, keep, model.dtype, model.device)
     # The suffix mask goes in as the 4D mask: transformers takes it as given and builds no [T, T] mask.
     logits = model(input_ids=tokens, position_ids=layout.positions[None], attention_mask=layout.self_mask,
                    packed_checks=layout, use_cache=False, logits_to_keep=layout.readout).logits
@@ -89,7 +105,8 @@ def _dispatcher(base: str):
                   **kwargs):
         if packed_checks is None:
             return _own_attention(module, base)(module, query, key, value, attention_mask, *args, **kwargs)
-        out = attend(query[0], key[0], value[0], packed_checks, kwargs.get("scaling", module.scaling))
+        out = attend(query[0], key[0], value[0], packed_checks, module.layer_idx,
+                     kwargs.get("scaling", module.scaling))
         return out.transpose(0, 1)[None].contiguous(), None
 
     return attention
@@ -114,7 +131,7 @@ def enable(model) -> bool:
     return model.config._attn_implementation == name
 
 
-def attention_with_lse(q, k, v, mask, scale: float):
+def attention_with_lse(q, k, v, scale: float, mask=None):
     """Softmax attention and its log-sum-exp per query. q [B, H, L, d], k/v [B, H, S, d], additive mask or None."""
     if _CPU_FUSED is not None and q.device.type == "cpu":
         return _CPU_FUSED(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
@@ -125,22 +142,35 @@ def attention_with_lse(q, k, v, mask, scale: float):
     return torch.matmul(torch.exp(scores - lse[..., None]).to(v.dtype), v), lse
 
 
-def attend(query, key, value, lay: PackedChecks, scaling: float) -> torch.Tensor:
+def _shared_part(q, k, v, scale: float):
+    """(output, log-sum-exp) of q [heads, n, d] over k/v [kv_heads, s, d], every query seeing every key.
+
+    Query heads sharing a kv head stack along the query axis: one call, the keys used in place."""
+    heads, n, dim = q.shape
+    kv_heads = k.shape[0]
+    o, lse = attention_with_lse(q.reshape(kv_heads, heads // kv_heads * n, dim)[None], k[None], v[None], scale)
+    return o[0].reshape(heads, n, dim), lse[0].reshape(heads, n)
+
+
+def attend(query, key, value, lay: PackedChecks, layer: int, scaling: float) -> torch.Tensor:
     """Exact attention over the packed row. query [heads, T, d]; key/value [kv_heads, T, d]. Returns [heads, T, d]."""
     heads, _, dim = query.shape
-    kv_heads = key.shape[0]
-    rep = heads // kv_heads
+    rep = heads // key.shape[0]
+    head_k, head_v = lay.head[layer] if lay.head else (key[:, :0], value[:, :0])
+    n_head = head_k.shape[1]
     out = torch.empty_like(query)
     o_pre, lse_pre = [], []
     for a, b, end in lay.spans:
-        kp, vp = key[None, :, a:b], value[None, :, a:b]  # this response's prefix, in place
-        out[:, a:b] = F.scaled_dot_product_attention(query[None, :, a:b], kp, vp, is_causal=True, scale=scaling,
-                                                     enable_gqa=rep > 1)[0]
-        # All its suffix tokens (and the query heads sharing a kv head) in one call: [1, kv_heads, rep*n, d].
-        n = end - b
-        o, lse = attention_with_lse(query[:, b:end].reshape(kv_heads, rep * n, dim)[None], kp, vp, None, scaling)
-        o_pre.append(o[0].reshape(heads, n, dim))
-        lse_pre.append(lse[0].reshape(heads, n))
+        # The keys a response's tokens share: the head (one copy per response, not per rule) and its conversation.
+        kc = torch.cat([head_k, key[:, a:b]], dim=1) if n_head else key[:, a:b]
+        vc = torch.cat([head_v, value[:, a:b]], dim=1) if n_head else value[:, a:b]
+        if b > a:  # the conversation part: the whole head, and causally itself
+            causal = torch.ones(b - a, n_head + b - a, dtype=torch.bool, device=query.device).tril(n_head)
+            out[:, a:b] = F.scaled_dot_product_attention(query[None, :, a:b], kc[None], vc[None], attn_mask=causal,
+                                                         scale=scaling, enable_gqa=rep > 1)[0]
+        o, lse = _shared_part(query[:, b:end], kc, vc, scaling)
+        o_pre.append(o)
+        lse_pre.append(lse)
     o_pre, lse_pre = torch.cat(o_pre, dim=1), torch.cat(lse_pre, dim=1)
 
     rows = lay.self_mask.shape[0]
@@ -149,12 +179,13 @@ def attend(query, key, value, lay: PackedChecks, scaling: float) -> torch.Tensor
         return t[:, lay.gather].reshape(t.shape[0], rows, lay.longest, dim).transpose(0, 1)
 
     k_self, v_self = padded(key), padded(value)
-    if rep > 1:  # suffixes are short: expanding their own keys is cheap (the prefix's are never expanded)
+    if rep > 1:  # suffixes are short: expanding their own keys is cheap
         k_self, v_self = k_self.repeat_interleave(rep, dim=1), v_self.repeat_interleave(rep, dim=1)
-    o_self, lse_self = attention_with_lse(padded(query), k_self, v_self, lay.self_mask, scaling)
+    o_self, lse_self = attention_with_lse(padded(query), k_self, v_self, scaling, mask=lay.self_mask)
     o_self = o_self.transpose(0, 1).reshape(heads, -1, dim)[:, lay.scatter]
     lse_self = lse_self.transpose(0, 1).reshape(heads, -1)[:, lay.scatter]
 
+    # Exact softmax over both key sets, from each one's output and log-sum-exp.
     m = torch.maximum(lse_pre, lse_self)
     w_pre, w_self = torch.exp(lse_pre - m)[..., None], torch.exp(lse_self - m)[..., None]
     out[:, lay.suffix_tokens] = ((o_pre.float() * w_pre + o_self.float() * w_self) / (w_pre + w_self)).to(query.dtype)

@@ -122,12 +122,30 @@ class TransformersJudge:
             for chunk in _chunks([g[0] for g in group_list], cfg.batch_size):
                 self._guarded(chunk, out, lambda c=chunk: self._score_rows([ids[j] for j in c], cfg), "")
             return out  # type: ignore[return-value]
+        # The head every prompt starts with (the instructions) is encoded once for the whole call.
+        head_len = min(_common_prefix_len([ids[g[0]] for g in group_list]),
+                       *(self._shared_prefix_len(g, ids) for g in group_list)) if len(group_list) > 1 else 0
+        head = ids[group_list[0][0]][:head_len]
+        try:
+            head_kv = self._encode_head(head)
+        except (RuntimeError, ValueError) as e:
+            warnings.warn(f"verifier scoring (shared head) failed for {len(ids)} checks: {e}")
+            return [unscored(f"backend_error: {type(e).__name__}: {e}") for _ in ids]
         # Conversations per forward pass; one conversation's rules always share a pass.
         per_batch = max(1, cfg.batch_size // max(len(g) for g in group_list))
         for gchunk in _chunks(group_list, per_batch):
             rows = [j for g in gchunk for j in g]
-            self._guarded(rows, out, lambda gc=gchunk: self._score_with_prefix(gc, ids, cfg), " (prefix reuse)")
+            self._guarded(rows, out, lambda gc=gchunk: self._score_with_prefix(gc, ids, head, head_kv, cfg),
+                          " (prefix reuse)")
         return out  # type: ignore[return-value]
+
+    def _encode_head(self, head: list[int]):
+        import torch
+
+        from .shared_prefix import encode_head
+
+        with torch.inference_mode():
+            return encode_head(self.model, head)
 
     def _guarded(self, rows, out, fn, what: str) -> None:
         try:
@@ -171,17 +189,20 @@ class TransformersJudge:
         keep = len(self.answer.prefix) + 1
         return max(1, min(_common_prefix_len([ids[j] for j in group]), min(len(ids[j]) for j in group) - keep))
 
-    def _score_with_prefix(self, groups: list[list[int]], ids: list[list[int]], cfg: VerifierConfig) -> list[Verdict]:
-        """One forward pass for these conversations: each one's shared prefix once, then its rules' suffixes
-        (``shared_prefix``: packed, unpadded, the prefix keys/values never copied per rule)."""
+    def _score_with_prefix(self, groups: list[list[int]], ids: list[list[int]], head: list[int], head_kv,
+                           cfg: VerifierConfig) -> list[Verdict]:
+        """One forward pass for these conversations: the call's shared head (encoded once per call), each
+        conversation's part of the prefix once, then its rules' suffixes (``shared_prefix``: packed,
+        unpadded, shared keys/values never copied per rule)."""
         import torch
 
         from .shared_prefix import check_logits
 
         plen = [self._shared_prefix_len(g, ids) for g in groups]
         with torch.inference_mode():
-            logits = check_logits(self.model, [ids[g[0]][:n] for g, n in zip(groups, plen)],
-                                  [[ids[j][n:] for j in g] for g, n in zip(groups, plen)], len(self.answer.prefix) + 1)
+            logits = check_logits(self.model, head, [ids[g[0]][len(head):n] for g, n in zip(groups, plen)],
+                                  [[ids[j][n:] for j in g] for g, n in zip(groups, plen)], len(self.answer.prefix) + 1,
+                                  head_kv)
         return self._readout(logits, cfg)
 
 

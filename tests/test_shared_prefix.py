@@ -15,25 +15,28 @@ def _model(kv_heads: int):
     return LlamaForCausalLM(config).eval()
 
 
-PREFIXES = [[5, 9, 3, 17, 22, 8, 41, 7, 2], [11, 4, 4, 30, 12, 60, 19, 23, 5, 6, 1, 50, 33]]
-SUFFIXES = [[[3, 8], [14, 15, 16, 17, 18], [40, 2, 9]], [[7, 7, 7, 7], [21, 22]]]
+HEAD = [5, 9, 3, 17, 22]
+PARTS = [[8, 41, 7, 2], [11, 4, 4, 30, 12, 60, 19, 23, 5], []]  # the last response adds nothing to the head
+SUFFIXES = [[[3, 8], [14, 15, 16, 17, 18], [40, 2, 9]], [[7, 7, 7, 7], [21, 22]], [[1, 2, 3], [33, 34]]]
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])  # multi-head and grouped-query attention
 @pytest.mark.parametrize("fused", [True, False])  # CPU fused kernel, and the plain path other devices take
-def test_packed_checks_match_whole_sequences(kv_heads, fused, monkeypatch):
+@pytest.mark.parametrize("head", [HEAD, []])
+def test_packed_checks_match_whole_sequences(kv_heads, fused, head, monkeypatch):
     from autorule_lib import shared_prefix
 
     model = _model(kv_heads)
     keep = 2
     with torch.inference_mode():
-        whole = [model(input_ids=torch.tensor([p + s])).logits[0, -keep:]
-                 for p, rules in zip(PREFIXES, SUFFIXES) for s in rules]
+        whole = [model(input_ids=torch.tensor([head + p + s])).logits[0, -keep:]
+                 for p, rules in zip(PARTS, SUFFIXES) for s in rules]
         assert shared_prefix.enable(model)
         if not fused:
             monkeypatch.setattr(shared_prefix, "_CPU_FUSED", None)
-        packed = shared_prefix.check_logits(model, PREFIXES, SUFFIXES, keep)
-    assert packed.shape == (len(whole), keep, 64)
+        parts, suffixes = (PARTS, SUFFIXES) if head else (PARTS[:2], SUFFIXES[:2])
+        packed = shared_prefix.check_logits(model, head, parts, suffixes, keep)
+    assert packed.shape == (sum(map(len, suffixes)), keep, 64)
     for got, expected in zip(packed, whole):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
