@@ -244,8 +244,8 @@ RULE_SLOT = "\ue000rule\ue000"  # private-use characters: never part of a real r
 @dataclass
 class PieceMemo:
     """Rule pieces tokenized and checked once per judge, not once per call: a GRPO run asks about the
-    same rules at every step. A check holds for the text just before the cut (template text in both
-    layouts), so it is keyed on that text's end and the rule piece."""
+    same rules at every step. A rule's check is keyed on the rule piece and the head's last line
+    (template text in both layouts), so it serves every conversation."""
 
     encoded: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     checked: dict[tuple[str, str], bool] = dataclasses.field(default_factory=dict)
@@ -261,12 +261,13 @@ def prompt_token_ids(tokenizer, template: JudgeTemplate, items: Sequence[tuple[s
                      truncate: int | None = None, memo: PieceMemo | None = None) -> list[list[int]]:
     """Token ids of each judge prompt; the chat template brings its own BOS, so none is added here.
 
-    Each prompt is tokenized as two pieces, the text before the rule and the rule onwards, every distinct
-    piece once (a conversation's K prompts share the first piece; with the conversation_first layout the
-    K rule pieces are shared by all conversations). The cut is placed where the tokenizer's
-    pre-tokenizer splits anyway (before the space that starts the rule) and checked against whole-prompt
-    tokenization for every conversation (with one rule) and every rule (with one conversation, or once
-    per ``memo``); where a check fails, that conversation's or rule's prompts are tokenized whole.
+    Each prompt is two pieces, the text before the rule (the head) and the rule onwards, cut where the
+    tokenizer's pre-tokenizer splits anyway (before the space that starts the rule). Every conversation
+    is tokenized whole once, with its first rule: its head ids are the tokens before that rule's piece,
+    and the conversation is tokenized whole for every rule if they do not end with it. Every rule piece
+    is tokenized once (once per ``memo``: a GRPO run judges the same rules at every step) and checked
+    with one conversation against whole-prompt tokenization; a rule that fails is tokenized whole. With
+    the ``rule_first`` layout nothing is shared (each rule piece holds the conversation): all whole.
     ``truncate`` keeps the first N tokens (the original's right truncation: a long response loses its
     end and the answer instructions).
     """
@@ -279,39 +280,45 @@ def prompt_token_ids(tokenizer, template: JudgeTemplate, items: Sequence[tuple[s
             i = text.find(RULE_SLOT)
             ok = i >= 2 and text.count(RULE_SLOT) == 1 and text[i - 1] == " " and not text[i - 2].isspace()
             cuts[conv] = (text[:i - 1], text[i + len(RULE_SLOT):]) if ok else None
-    pieces = lambda conv, rule: (cuts[conv][0], " " + rule.strip() + cuts[conv][1])  # noqa: E731
-    rule_key = lambda conv, rule: (cuts[conv][0][-32:], pieces(conv, rule)[1])  # noqa: E731
-    wanted = {x for conv, rule in items if cuts[conv] for x in pieces(conv, rule)}
-    if len(wanted) >= len(items):  # nothing shared (rule_first: each rule piece holds the conversation)
-        cuts, wanted = dict.fromkeys(cuts), set()
-    # Check every conversation with one rule and every rule not checked before with one conversation.
-    first_rule, first_conv = {}, {}
+    piece = lambda conv, rule: " " + rule.strip() + cuts[conv][1]  # noqa: E731
+    # A rule's check holds wherever the head ends in the same line (the template's, e.g. "\nRule:").
+    rule_key = lambda conv, rule: (cuts[conv][0][cuts[conv][0].rfind("\n"):], piece(conv, rule))  # noqa: E731
+    if len({piece(c, r) for c, r in items if cuts[c]}) + len(cuts) >= len(items):
+        cuts = dict.fromkeys(cuts)  # nothing shared (rule_first)
+    first_rule: dict[str, str] = {}  # conversation -> the rule it is tokenized whole with
+    first_conv: dict[str, str] = {}  # rule not checked before -> the conversation it is checked with
     bad_rules = set()
     for conv, rule in items:
         if cuts[conv]:
-            first_rule.setdefault(conv, rule)
             known = memo.checked.get(rule_key(conv, rule))
+            if known is False:
+                bad_rules.add(rule)
+                continue
+            first_rule.setdefault(conv, rule)
             if known is None:
                 first_conv.setdefault(rule, conv)
-            elif not known:
-                bad_rules.add(rule)
-    checks = {(c, r) for c, r in first_rule.items()} | {(c, r) for r, c in first_conv.items()}
+    checks = set(first_rule.items()) | {(c, r) for r, c in first_conv.items()}
     whole_texts = {check: render_prompt(tokenizer, template, *check) for check in checks}
-    texts = sorted((wanted - memo.encoded.keys()) | set(whole_texts.values()))
+    pieces = {piece(c, r) for c, r in items if cuts[c]}
+    texts = sorted((pieces - memo.encoded.keys()) | set(whole_texts.values()))
     encoded = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"])) if texts else {}
-    encoded.update({x: memo.encoded[x] for x in wanted & memo.encoded.keys()})
-    for (conv, rule), whole in whole_texts.items():
-        head, part = pieces(conv, rule)
-        ok = encoded[head] + encoded[part] == encoded[whole]
-        if first_conv.get(rule) == conv:
+    encoded.update({x: memo.encoded[x] for x in pieces & memo.encoded.keys()})
+    heads: dict[str, list[int]] = {}
+    for conv, rule in first_rule.items():
+        whole, tail = encoded[whole_texts[(conv, rule)]], encoded[piece(conv, rule)]
+        if len(whole) > len(tail) and whole[len(whole) - len(tail):] == tail:
+            heads[conv] = whole[:len(whole) - len(tail)]
+    for rule, conv in first_conv.items():
+        if conv in heads:
+            ok = encoded[whole_texts[(conv, rule)]] == heads[conv] + encoded[piece(conv, rule)]
             memo.checked[rule_key(conv, rule)] = ok
-        if not ok:
+            if not ok:
+                bad_rules.add(rule)
+        else:  # unchecked here: this call tokenizes it whole
             bad_rules.add(rule)
-            if first_rule.get(conv) == rule:
-                cuts[conv] = None
-    memo.encoded.update({pieces(c, r)[1]: encoded[pieces(c, r)[1]] for c, r in items if cuts[c]})
-    ids = [encoded[pieces(conv, rule)[0]] + encoded[pieces(conv, rule)[1]]
-           if cuts[conv] and rule not in bad_rules else None for conv, rule in items]
+    memo.encoded.update({x: encoded[x] for x in pieces})
+    ids = [heads[conv] + encoded[piece(conv, rule)] if conv in heads and rule not in bad_rules else None
+           for conv, rule in items]
     whole = [j for j, x in enumerate(ids) if x is None]
     if whole:
         texts = [render_prompt(tokenizer, template, *items[j]) for j in whole]

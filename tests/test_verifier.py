@@ -294,7 +294,9 @@ def test_rule_pieces_are_checked_once_per_judge_and_stay_exact(judge, checks):
         got = prompt_token_ids(tok, tpl, items, memo=memo)
         counts.append(tok.texts - before)
         assert got == tok.tok([render_prompt(tok, tpl, c, r) for c, r in items], add_special_tokens=False)["input_ids"]
-    assert counts[1] <= counts[0] - len(rules)  # neither the rule pieces nor their checks are tokenized again
+    # Second step: each conversation once (whole, with its first rule); rules whose check failed, whole.
+    failed = sum(not ok for ok in memo.checked.values())
+    assert len(memo.checked) == len(rules) and counts[1] == 3 * (1 + failed) < counts[0]
 
 
 def test_api_backends_are_built_from_the_profile(tmp_path):
