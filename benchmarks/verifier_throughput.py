@@ -5,7 +5,9 @@ Same judge model, same conversations, same 25 rules, same batch size, verdict ca
   parity  rule_first          the paper: greedy generation, rule before the conversation
   parity  conversation_first  the same prompts as the two fast rows
   fast    conversation_first  one forward pass per (response, rule), every prompt encoded whole
-  fast    conversation_first  the same, each response's shared prefix encoded once (KV cache reused)
+  fast    conversation_first  the same with prefix reuse: the judge instructions encoded once per call,
+                              each response's conversation once, each rule's suffix attending to them
+                              (``autorule_lib/shared_prefix.py``)
 
   fast_vs_parity_speedup = parity (conversation_first) seconds / fast with prefix reuse seconds
   prefix_reuse_speedup   = fast re-encoding seconds / fast with prefix reuse seconds
@@ -129,23 +131,25 @@ def load_judge(args, profile):
 
 
 def token_counts(tokenizer, convs) -> str:
-    """Tokens the model encodes per run: every prompt whole, vs each shared prefix once plus every rule's suffix.
+    """Tokens the model encodes per run: every prompt whole, vs with prefix reuse (the judge
+    instructions once, each conversation once, every rule's suffix).
 
-    Their ratio bounds what prefix reuse can save: the rule, the chat template's end and the forced
-    answer start are encoded once per rule in any case.
+    Their ratio bounds what prefix reuse can save in encoded tokens: the rule, the chat template's end
+    and the forced answer start are encoded once per rule in any case.
     """
     from autorule_lib.verifier import prompt_token_ids
     from autorule_lib.verifier_backends import _common_prefix_len
 
     tpl = load_template("conversation_first")
-    whole = reused = 0
-    for conv in convs:
-        ids = prompt_token_ids(tokenizer, tpl, [(conv, r) for r in RULES])
+    prompts = [prompt_token_ids(tokenizer, tpl, [(conv, r) for r in RULES]) for conv in convs]
+    head = _common_prefix_len([ids[0] for ids in prompts])
+    whole, reused = 0, head
+    for ids in prompts:
         shared = _common_prefix_len(ids)
         whole += sum(map(len, ids))
-        reused += shared + sum(len(x) - shared for x in ids)
-    return (f"{whole} whole, {reused} with prefix reuse (mean prompt {whole / len(convs) / len(RULES):.0f}); "
-            f"token bound on prefix_reuse_speedup {whole / reused:.2f}")
+        reused += shared - head + sum(len(x) - shared for x in ids)
+    return (f"{whole} whole, {reused} with prefix reuse (mean prompt {whole / len(convs) / len(RULES):.0f}, "
+            f"shared head {head}); token bound on prefix_reuse_speedup {whole / reused:.2f}")
 
 
 def timed(verifiers: dict, convs, rules, repeats: int) -> dict:
