@@ -11,7 +11,7 @@ Two modes, one judge prompt (an editable template in ``prompts/``):
 * ``fast`` — one forward pass per (response, rule): the common start of the two answers (``[[``) is
   appended to the prompt and the verdict read from the next-token probabilities of ``Yes`` vs ``No``.
   With the ``conversation_first`` layout all rules of one response share the conversation as a prompt
-  prefix, whose KV cache is computed once and reused (``verifier_backends.py``).
+  prefix: it is encoded once and every rule's short suffix attends to it (``shared_prefix.py``).
 
 Backends (transformers, vLLM, API clients) live in ``verifier_backends.py``; this module holds the
 prompt, the verdict contract, the persistent cache and the bookkeeping.
@@ -141,7 +141,7 @@ class RuleVerifier:
             raise ValueError(f"verifier mode 'fast' needs next-token probabilities; backend {backend.name!r} "
                              "only generates (use mode: parity, or backend transformers/vllm)")
         self.cache = cache if cfg.use_cache else None
-        self.reuse_prefix = True  # fast mode: reuse the shared prompt prefix's KV cache (benchmarks turn it off)
+        self.reuse_prefix = True  # fast mode: encode shared prompt prefixes once (benchmarks turn it off)
         self.stats: Counter = Counter()
 
     def variant(self, mode: str | None = None, layout: str | None = None) -> "RuleVerifier":
