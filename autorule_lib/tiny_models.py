@@ -80,6 +80,31 @@ def tiny_corpus(profile: Profile) -> list[str]:
     return list(iter_texts(profile.data.ultrafeedback_source)) + list(iter_texts(profile.data.mt_bench_source))
 
 
+_CORPUS_DIGESTS: dict[tuple, str] = {}
+
+
+def _files_fingerprint(source: str) -> tuple | None:
+    """(path, size, mtime) of every file of a local source; None for a Hub id."""
+    path = Path(source)
+    if not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+
+
+def corpus_digest(profile: Profile) -> tuple[str, list[str] | None]:
+    """(hash of the tiny corpus, the corpus if it had to be read). Local sources unchanged since an
+    earlier call in this process are not read again: every model lookup checks the build stamp."""
+    key = tuple(_files_fingerprint(s) for s in (profile.data.ultrafeedback_source, profile.data.mt_bench_source))
+    if None not in key and key in _CORPUS_DIGESTS:
+        return _CORPUS_DIGESTS[key], None
+    corpus = tiny_corpus(profile)
+    digest = hashlib.sha256("\n".join(sorted(corpus)).encode()).hexdigest()
+    if None not in key:
+        _CORPUS_DIGESTS[key] = digest
+    return digest, corpus
+
+
 def ensure_tiny_models(profile: Profile, models_dir: str | Path) -> dict[str, Path]:
     """Build (once) the tiny tokenizer, policy and verifier for ``profile`` under ``models_dir``.
 
@@ -88,14 +113,14 @@ def ensure_tiny_models(profile: Profile, models_dir: str | Path) -> dict[str, Pa
     models_dir = Path(models_dir)
     paths = {"tokenizer": models_dir / "tiny-tokenizer", "policy": models_dir / "tiny-policy",
              "verifier": models_dir / "tiny-verifier"}
-    corpus = tiny_corpus(profile)
-    stamp = json.dumps({"version": BUILD_VERSION, "tiny": profile.models.tiny.__dict__,
-                        "corpus": hashlib.sha256("\n".join(sorted(corpus)).encode()).hexdigest()}, sort_keys=True)
+    digest, corpus = corpus_digest(profile)
+    stamp = json.dumps({"version": BUILD_VERSION, "tiny": profile.models.tiny.__dict__, "corpus": digest},
+                       sort_keys=True)
     stamp_file = models_dir / "tiny-models.json"
     if stamp_file.exists() and stamp_file.read_text() == stamp and all(p.exists() for p in paths.values()):
         return paths
     models_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tiny_tokenizer(corpus, profile.models.tiny, paths["tokenizer"])
+    tokenizer = build_tiny_tokenizer(corpus or tiny_corpus(profile), profile.models.tiny, paths["tokenizer"])
     build_tiny_llama(tokenizer, profile.models.tiny, paths["policy"], seed_offset=0)
     build_tiny_llama(tokenizer, profile.models.tiny, paths["verifier"], seed_offset=1)
     stamp_file.write_text(stamp)

@@ -55,14 +55,14 @@ class TransformersJudge:
     supports_fast = True
 
     def __init__(self, model, tokenizer):
+        from . import shared_prefix
+
         self.model, self.tok = model.eval(), tokenizer
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stop_ids = _stop_ids(model, tokenizer)
         self.answer: AnswerTokens = answer_tokens(tokenizer)
         self.pieces = PieceMemo()
-        from . import shared_prefix
-
         self.can_share_prefix = shared_prefix.enable(self.model)
         if not self.can_share_prefix:
             warnings.warn(f"{type(model).__name__} does not dispatch attention through transformers' "

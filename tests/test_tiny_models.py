@@ -56,3 +56,29 @@ def test_reloads_offline_with_llama_conventions(built):
 def test_text_format_helpers():
     assert policy_prompt("Q") == "<|user|>Q<|assistant|>"
     assert verifier_conversation("Q", "A. <|end_of_text|>", EOS) == "<|user|>Q<|assistant|>A."
+
+
+def test_unchanged_local_sources_are_not_reread(tmp_path, monkeypatch):
+    """Every model lookup checks the build stamp; it re-reads the data only when a source file changed."""
+    import os
+    import shutil
+
+    from autorule_lib import tiny_models
+    from autorule_lib.config import load_profile
+
+    smoke = load_profile("smoke")
+    for name in ("ultrafeedback_source", "mt_bench_source"):
+        src = smoke.data.__dict__[name]
+        shutil.copytree(src, tmp_path / name)
+        smoke.data.__dict__[name] = str(tmp_path / name)
+    reads = []
+    real = tiny_models.tiny_corpus
+    monkeypatch.setattr(tiny_models, "tiny_corpus", lambda p: reads.append(1) or real(p))
+    first, _ = tiny_models.corpus_digest(smoke)
+    again, corpus = tiny_models.corpus_digest(smoke)
+    assert (again, corpus, len(reads)) == (first, None, 1)
+    jsonl = next(p for p in sorted((tmp_path / "mt_bench_source").rglob("*")) if p.is_file())
+    stat = jsonl.stat()
+    os.utime(jsonl, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: it may have changed
+    same, corpus = tiny_models.corpus_digest(smoke)
+    assert (same, len(reads)) == (first, 2) and corpus is not None
