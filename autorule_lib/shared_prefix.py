@@ -45,6 +45,10 @@ class PackedChecks:
     def build(cls, head, head_len: int, parts: list[list[int]], suffixes: list[list[list[int]]], keep: int, dtype,
               device) -> tuple["PackedChecks", torch.Tensor]:
         """(layout, token ids [1, T]) for each conversation part ``parts[i]`` followed by its ``suffixes[i]``."""
+        if len(parts) != len(suffixes) or not all(suffixes):
+            raise ValueError("every conversation part needs at least one suffix")
+        if any(len(s) < keep for rules in suffixes for s in rules):
+            raise ValueError(f"every suffix must hold its {keep} read-out tokens")
         tokens, positions, spans, starts, lengths = [], [], [], [], []
         for part, rules in zip(parts, suffixes):
             a = len(tokens)

@@ -56,3 +56,17 @@ def test_enabled_model_keeps_its_own_attention_elsewhere():
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, before)
         assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False),
                            gen_before)
+
+
+@pytest.mark.parametrize("parts, suffixes, message", [
+    ([[1, 2]], [[]], "at least one suffix"),
+    ([[1, 2], [3]], [[[4, 5]]], "at least one suffix"),
+    ([[1, 2]], [[[4, 5], [6]]], "read-out tokens"),  # would read the conversation's last token as the answer
+])
+def test_malformed_layouts_are_refused(parts, suffixes, message):
+    from autorule_lib import shared_prefix
+
+    model = _model(4)
+    shared_prefix.enable(model)
+    with torch.inference_mode(), pytest.raises(ValueError, match=message):
+        shared_prefix.check_logits(model, [], parts, suffixes, 2)
