@@ -282,7 +282,7 @@ def prompt_token_ids(tokenizer, template: JudgeTemplate, items: Sequence[tuple[s
             cuts[conv] = (text[:i - 1], text[i + len(RULE_SLOT):]) if ok else None
     piece = lambda conv, rule: " " + rule.strip() + cuts[conv][1]  # noqa: E731
     # A rule's check holds wherever the head ends in the same line (the template's, e.g. "\nRule:").
-    rule_key = lambda conv, rule: (cuts[conv][0][cuts[conv][0].rfind("\n"):], piece(conv, rule))  # noqa: E731
+    rule_key = lambda conv, rule: (cuts[conv][0][cuts[conv][0].rfind("\n") + 1:], piece(conv, rule))  # noqa: E731
     if len({piece(c, r) for c, r in items if cuts[c]}) + len(cuts) >= len(items):
         cuts = dict.fromkeys(cuts)  # nothing shared (rule_first)
     first_rule: dict[str, str] = {}  # conversation -> the rule it is tokenized whole with
