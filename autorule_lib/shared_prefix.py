@@ -33,6 +33,7 @@ class PackedChecks:
 
     head: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: the head's keys, values [kv_heads, n, d]; may be empty
     spans: list[tuple[int, int, int]]  # per response: conversation start, its end = first suffix token, end of suffixes
+    part_masks: list[torch.Tensor]  # per response [part, head + part] bool: the whole head, then causal
     positions: torch.Tensor  # [T] position ids, continuing the head's
     suffix_tokens: torch.Tensor  # [Ts] row index of every suffix token, in row order
     gather: torch.Tensor  # [suffixes * longest]: row index of each suffix's i-th token (pads repeat its first)
@@ -68,7 +69,9 @@ class PackedChecks:
         allowed = (i[None, None, :] <= i[None, :, None]) & real[:, None, :]
         self_mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, float("-inf"))[:, None]
         gather = torch.where(real, start + i[None, :], start)
-        layout = cls(head, spans, torch.tensor(positions, device=device), gather[real].to(device),
+        part_masks = [torch.ones(b - a, head_len + b - a, dtype=torch.bool, device=device).tril(head_len)
+                      for a, b, _ in spans]
+        layout = cls(head, spans, part_masks, torch.tensor(positions, device=device), gather[real].to(device),
                      gather.flatten().to(device), real.flatten().nonzero().squeeze(1).to(device), longest,
                      self_mask.to(device), (start + length - keep + torch.arange(keep)[None, :]).flatten().to(device))
         return layout, torch.tensor([tokens], device=device)
@@ -164,13 +167,12 @@ def attend(query, key, value, lay: PackedChecks, layer: int, scaling: float) -> 
     n_head = head_k.shape[1]
     out = torch.empty_like(query)
     o_pre, lse_pre = [], []
-    for a, b, end in lay.spans:
+    for (a, b, end), part_mask in zip(lay.spans, lay.part_masks):
         # The keys a response's tokens share: the head (one copy per response, not per rule) and its conversation.
         kc = torch.cat([head_k, key[:, a:b]], dim=1) if n_head else key[:, a:b]
         vc = torch.cat([head_v, value[:, a:b]], dim=1) if n_head else value[:, a:b]
         if b > a:  # the conversation part: the whole head, and causally itself
-            causal = torch.ones(b - a, n_head + b - a, dtype=torch.bool, device=query.device).tril(n_head)
-            out[:, a:b] = F.scaled_dot_product_attention(query[None, :, a:b], kc[None], vc[None], attn_mask=causal,
+            out[:, a:b] = F.scaled_dot_product_attention(query[None, :, a:b], kc[None], vc[None], attn_mask=part_mask,
                                                          scale=scaling, enable_gqa=rep > 1)[0]
         o, lse = _shared_part(query[:, b:end], kc, vc, scaling)
         o_pre.append(o)
