@@ -122,9 +122,10 @@ class TransformersJudge:
             for chunk in _chunks([g[0] for g in group_list], cfg.batch_size):
                 self._guarded(chunk, out, lambda c=chunk: self._score_rows([ids[j] for j in c], cfg), "")
             return out  # type: ignore[return-value]
+        plen = {g[0]: self._shared_prefix_len(g, ids) for g in group_list}  # keyed by each group's first item
         # The head every prompt starts with (the instructions) is encoded once for the whole call.
-        head_len = min(_common_prefix_len([ids[g[0]] for g in group_list]),
-                       *(self._shared_prefix_len(g, ids) for g in group_list)) if len(group_list) > 1 else 0
+        head_len = 0 if len(group_list) < 2 else min(_common_prefix_len([ids[g[0]] for g in group_list]),
+                                                     *plen.values())
         head = ids[group_list[0][0]][:head_len]
         try:
             head_kv = self._encode_head(head)
@@ -135,7 +136,7 @@ class TransformersJudge:
         per_batch = max(1, cfg.batch_size // max(len(g) for g in group_list))
         for gchunk in _chunks(group_list, per_batch):
             rows = [j for g in gchunk for j in g]
-            self._guarded(rows, out, lambda gc=gchunk: self._score_with_prefix(gc, ids, head, head_kv, cfg),
+            self._guarded(rows, out, lambda gc=gchunk: self._score_with_prefix(gc, ids, plen, head, head_kv, cfg),
                           " (prefix reuse)")
         return out  # type: ignore[return-value]
 
@@ -189,8 +190,8 @@ class TransformersJudge:
         keep = len(self.answer.prefix) + 1
         return max(1, min(_common_prefix_len([ids[j] for j in group]), min(len(ids[j]) for j in group) - keep))
 
-    def _score_with_prefix(self, groups: list[list[int]], ids: list[list[int]], head: list[int], head_kv,
-                           cfg: VerifierConfig) -> list[Verdict]:
+    def _score_with_prefix(self, groups: list[list[int]], ids: list[list[int]], plen: dict[int, int], head: list[int],
+                           head_kv, cfg: VerifierConfig) -> list[Verdict]:
         """One forward pass for these conversations: the call's shared head (encoded once per call), each
         conversation's part of the prefix once, then its rules' suffixes (``shared_prefix``: packed,
         unpadded, shared keys/values never copied per rule)."""
@@ -198,10 +199,9 @@ class TransformersJudge:
 
         from .shared_prefix import check_logits
 
-        plen = [self._shared_prefix_len(g, ids) for g in groups]
         with torch.inference_mode():
-            logits = check_logits(self.model, head, [ids[g[0]][len(head):n] for g, n in zip(groups, plen)],
-                                  [[ids[j][n:] for j in g] for g, n in zip(groups, plen)], len(self.answer.prefix) + 1,
+            logits = check_logits(self.model, head, [ids[g[0]][len(head):plen[g[0]]] for g in groups],
+                                  [[ids[j][plen[g[0]]:] for j in g] for g in groups], len(self.answer.prefix) + 1,
                                   head_kv)
         return self._readout(logits, cfg)
 
