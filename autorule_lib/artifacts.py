@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -62,6 +63,19 @@ def provenance(profile: Profile, stage: str, **extra: Any) -> dict:
         "created_at": now(),
         **extra,
     }
+
+
+def files_stamp(path: str | Path, suffixes: tuple[str, ...] | None = None) -> str:
+    """Identity of a file or folder without reading its contents: its path and each file's name, size
+    and modification time (only files ending in ``suffixes``, when given). Rewriting a file changes it."""
+    path = Path(path).resolve()
+    root, files = (path.parent, [path]) if path.is_file() else (path, sorted(path.rglob("*")))
+    entries = [str(path)]
+    for f in files:
+        if f.is_file() and (suffixes is None or f.suffix in suffixes):
+            st = f.stat()
+            entries.append(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:20]
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -10,11 +10,11 @@ costs nothing.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .artifacts import files_stamp
 from .cache import ResponseCache
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja")
@@ -49,13 +49,7 @@ def checkpoint_id(path: str | Path) -> str:
     A retrained checkpoint written to the same folder gets a new id (so stale cached responses are
     never served), without hashing gigabytes of weights.
     """
-    path = Path(path).resolve()
-    entries = [str(path)]
-    for f in sorted(path.rglob("*")):
-        if f.is_file() and f.suffix in WEIGHT_SUFFIXES:
-            st = f.stat()
-            entries.append(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}")
-    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:20]
+    return files_stamp(path, WEIGHT_SUFFIXES)
 
 
 def pick_engine(engine: str, device: str) -> str:

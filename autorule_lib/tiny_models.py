@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 from typing import Iterable
 
+from .artifacts import files_stamp
 from .config import Profile, TinyModelConfig
 from .text_format import ASSISTANT, USER
 
@@ -83,19 +84,11 @@ def tiny_corpus(profile: Profile) -> list[str]:
 _CORPUS_DIGESTS: dict[tuple, str] = {}
 
 
-def _files_fingerprint(source: str) -> tuple | None:
-    """(path, size, mtime) of every file of a local source; None for a Hub id."""
-    path = Path(source)
-    if not path.exists():
-        return None
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
-
-
 def corpus_digest(profile: Profile) -> tuple[str, list[str] | None]:
     """(hash of the tiny corpus, the corpus if it had to be read). Local sources unchanged since an
     earlier call in this process are not read again: every model lookup checks the build stamp."""
-    key = tuple(_files_fingerprint(s) for s in (profile.data.ultrafeedback_source, profile.data.mt_bench_source))
+    sources = (profile.data.ultrafeedback_source, profile.data.mt_bench_source)
+    key = tuple(files_stamp(s) if Path(s).exists() else None for s in sources)  # None: a Hub id
     if None not in key and key in _CORPUS_DIGESTS:
         return _CORPUS_DIGESTS[key], None
     corpus = tiny_corpus(profile)
