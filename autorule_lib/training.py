@@ -85,6 +85,15 @@ def settings_hash(*parts) -> str:
     return cache_key({"parts": [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts]})[:16]
 
 
+def seed_everything(profile: Profile) -> None:
+    """Seed Python, NumPy and torch (every device) from the profile before a stage creates or samples anything:
+    the Trainer seeds only in its own constructor, after a new RM score head (``score.weight | MISSING``) or a
+    PPO value head has already been drawn from the unseeded global generator."""
+    from transformers import set_seed
+
+    set_seed(profile.seed)
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -188,6 +197,7 @@ def train_sft(profile: Profile, rows: list[dict], eval_rows: list[dict], base_mo
     settings = settings_hash(cfg, base_model, profile.hash())
     if not prepare_output(out_dir, settings, force):
         return final
+    seed_everything(profile)
     tok = load_tokenizer(base_model)
     to_ds = lambda rs: Dataset.from_list([sft_example(r["prompt"], r["chosen_content"], tok, cfg.max_length)
                                           for r in rs])
@@ -234,6 +244,7 @@ def train_reward_model(profile: Profile, rows: list[dict], eval_rows: list[dict]
     settings = settings_hash(cfg, sft_model, profile.hash())
     if not prepare_output(out_dir, settings, force):
         return final
+    seed_everything(profile)
     tok = load_rm_tokenizer(sft_model, cfg.pad_token)
     model = AutoModelForSequenceClassification.from_pretrained(sft_model, num_labels=1)
     model.config.pad_token_id = tok.pad_token_id
@@ -363,6 +374,7 @@ def train_grpo(profile: Profile, variant_name: str, prompts: list[dict], sft_mod
     settings = settings_hash(variant, sft_model, profile.hash(), names, reward_weights)
     if not prepare_output(out_dir, settings, force):
         return final
+    seed_everything(profile)
     tok = load_tokenizer(sft_model)
     tok.padding_side = "left"
     args = GRPOConfig(**grpo_args(profile, variant, out_dir), reward_weights=reward_weights)
@@ -396,6 +408,7 @@ def train_ppo(profile: Profile, prompts: list[dict], sft_model: str, rm_model: s
     settings = settings_hash(cfg, sft_model, rm_model, profile.hash())
     if not prepare_output(out_dir, settings, force):
         return final
+    seed_everything(profile)
     if cfg.samples_per_prompt != 1:
         raise ConfigError("ppo.samples_per_prompt: TRL's PPOTrainer draws one sample per prompt")
     tok = load_rm_tokenizer(sft_model, profile.reward_model.pad_token)  # pad != eos: rewards read at EOS
