@@ -149,6 +149,14 @@ class SFTStageConfig:
     adam_beta2: float = _f(0.95, "Adam beta2.")
     max_steps: int = _f(-1, "Stop after N optimizer steps (-1: full epochs).")
     save_steps: int = _f(500, "Checkpoint every N steps.")
+    save_total_limit: Optional[int] = _f(
+        2, "Checkpoints kept (older ones deleted; null: all). Paper scale: an 8B checkpoint with Adam state is "
+           "~128 GB (16 GB bf16 weights + 12 bytes/parameter of fp32 master weights and moments), so 2 keep "
+           "~256 GB per run instead of ~128 GB x every save (~18 TB for ~146 saves). At least 2: the newest is "
+           "written before the older ones are rotated out.")
+    save_only_model: bool = _f(
+        False, "Checkpoints without optimizer/scheduler state (~16 GB instead of ~128 GB for 8B). A re-run can then "
+               "not resume mid-run (it restarts, and says so); it still finalises from a checkpoint at the end.")
     gradient_checkpointing: bool = _f(True, "Trade compute for memory (GPU runs).")
 
 
@@ -163,6 +171,14 @@ class RewardModelStageConfig:
     max_length: int = _f(8192, "Pairs longer than this are dropped (TRL RewardTrainer).")
     max_steps: int = _f(-1, "Stop after N optimizer steps (-1: full epochs).")
     save_steps: int = _f(500, "Checkpoint every N steps.")
+    save_total_limit: Optional[int] = _f(
+        2, "Checkpoints kept (older ones deleted; null: all). Paper scale: an 8B checkpoint with Adam state is "
+           "~128 GB (16 GB bf16 weights + 12 bytes/parameter of fp32 master weights and moments), so 2 keep "
+           "~256 GB per run instead of ~128 GB x every save (~18 TB for ~146 saves). At least 2: the newest is "
+           "written before the older ones are rotated out.")
+    save_only_model: bool = _f(
+        False, "Checkpoints without optimizer/scheduler state (~16 GB instead of ~128 GB for 8B). A re-run can then "
+               "not resume mid-run (it restarts, and says so); it still finalises from a checkpoint at the end.")
     pad_token: str = _f("<|reserved_special_token_0|>",
                         "Padding token of the RM; must differ from EOS so the reward is read at the EOS token.")
     gradient_checkpointing: bool = _f(True, "Trade compute for memory (GPU runs).")
@@ -192,6 +208,11 @@ class GRPOStageConfig:
         "nominal", "'nominal' applies kl_beta; 'original_zero_grad' reproduces the original's zero KL gradient.")
     loss_aggregation: Literal["token", "sequence"] = _f("token", "Token-level loss aggregation as the original.")
     save_every_rollouts: int = _f(2, "Checkpoint every N rollout steps.")
+    save_total_limit: Optional[int] = _f(
+        2, "Checkpoints kept (null: all; the two-episode runs keep all, chapter 08 evaluates them). ~128 GB each "
+           "with optimizer state at 8B under ZeRO-3; at least 2 (see sft.save_total_limit).")
+    save_only_model: bool = _f(
+        False, "Checkpoints without optimizer state (~16 GB at 8B); mid-run resume then restarts the run.")
     max_steps: int = _f(-1, "Stop after N optimizer steps (-1: full episodes).")
     use_vllm: bool = _f(False, "Generate rollouts with vLLM (TRL's use_vllm).")
     vllm_mode: Literal["colocate", "server"] = _f("colocate", "TRL vLLM mode: same GPUs, or a `trl vllm-serve` server.")

@@ -64,9 +64,14 @@ def accumulation_steps(global_batch: int, per_device: int, key: str) -> int:
 
 
 def common_args(profile: Profile, out_dir: Path, *, learning_rate: float, warmup_ratio: float, max_grad_norm: float,
-                max_steps: int, save_steps: int, gradient_checkpointing: bool, betas=(0.9, 0.999)) -> dict:
+                max_steps: int, save_steps: int, gradient_checkpointing: bool, betas=(0.9, 0.999),
+                save_total_limit: int | None = None, save_only_model: bool = False) -> dict:
     """TrainingArguments shared by every stage; CPU switches only when the profile runs on CPU."""
     check_logging(profile)
+    if save_total_limit is not None and save_total_limit < 2:
+        # the Trainer rotates before a new checkpoint is marked complete: keep one complete one meanwhile
+        raise ConfigError(f"save_total_limit: {save_total_limit} leaves no complete checkpoint while the next one is "
+                          "written; use 2 or more, or null (keep all)")
     cpu = device_kind(profile) == "cpu"
     return dict(
         output_dir=str(out_dir), learning_rate=learning_rate, lr_scheduler_type="constant_with_warmup",
@@ -75,7 +80,7 @@ def common_args(profile: Profile, out_dir: Path, *, learning_rate: float, warmup
         save_steps=save_steps, logging_steps=1, seed=profile.seed, report_to=profile.report_to,
         adam_beta1=betas[0], adam_beta2=betas[1], bf16=profile.precision == "bf16" and not cpu,
         use_cpu=cpu, dataloader_pin_memory=not cpu, activation_checkpointing=gradient_checkpointing and not cpu,
-        save_only_model=False, disable_tqdm=True,
+        save_only_model=save_only_model, save_total_limit=save_total_limit, disable_tqdm=True,
     )
 
 
@@ -83,6 +88,70 @@ def common_args(profile: Profile, out_dir: Path, *, learning_rate: float, warmup
 
 def settings_hash(*parts) -> str:
     return cache_key({"parts": [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts]})[:16]
+
+
+def run_root(out_dir: Path) -> Path:
+    """The run directory holding a stage's output (``<run>/artifacts/<stage>[/<run name>]``)."""
+    out_dir = Path(out_dir).absolute()
+    for parent in out_dir.parents:
+        if parent.name == "artifacts":
+            return parent.parent
+    return out_dir.parent
+
+
+def portable(path: str | Path, out_dir: Path) -> str:
+    """A model path as it enters a stage's identity: relative to the run directory when it lies inside it,
+    so a copied or moved run directory resumes instead of retraining (Hub ids and outside paths as given)."""
+    root, p = run_root(out_dir), Path(str(path)).expanduser()
+    if p.is_absolute() and p.absolute().is_relative_to(root):
+        return "<run>/" + p.absolute().relative_to(root).as_posix()
+    return str(path)
+
+
+def stage_finished(out_dir: Path, settings: str) -> bool:
+    """Finished only when the marker is readable and records these settings (a marker from other settings, or
+    one cut short by a crash, means: not finished)."""
+    try:
+        return read_json(Path(out_dir) / "done.json").get("settings_hash") == settings
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+DONE_TIMEOUT_S = float(os.environ.get("AUTORULE_RANK_WAIT_S", 4 * 3600))  # a 70B save on slow storage fits
+
+
+def wait_for_file(path: Path, ready: Callable[[], bool], what: str, timeout_s: float | None = None) -> None:
+    """Wait until ``ready()`` (rank 0 writes ``path``), polling the filesystem, not a collective: a long save
+    on rank 0 must not trip NCCL's barrier timeout, and a rank 0 that died gives a clear error, not a hang."""
+    import time
+
+    timeout_s = DONE_TIMEOUT_S if timeout_s is None else timeout_s
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {os.environ.get('RANK', '0')}: {path} did not appear within {timeout_s:.0f} s "
+                               f"({what}); see rank 0's log for its error (AUTORULE_RANK_WAIT_S sets the wait)")
+        time.sleep(0.5)
+
+
+def wait_for_done(out_dir: Path, settings: str) -> None:
+    if world_size() > 1:
+        wait_for_file(Path(out_dir) / "done.json", lambda: stage_finished(out_dir, settings),
+                      "rank 0 saving the final model and writing the finished marker")
+
+
+def rank_device(profile: Profile | None = None) -> str:
+    """This process's device as accelerate set it (creating its state first when needed): under several
+    processes rank k's models go to cuda:k, never all to cuda:0."""
+    import torch
+
+    if world_size() > 1:
+        from accelerate import PartialState
+
+        return str(PartialState().device)
+    if profile is not None:
+        return device_kind(profile)
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def seed_everything(profile: Profile) -> None:
@@ -105,11 +174,11 @@ def prepare_output(out_dir: Path, settings: str, force: bool) -> bool:
     from accelerate import PartialState
 
     with PartialState().main_process_first():
-        done, stamp = out_dir / "done.json", out_dir / "settings.json"
-        if done.exists() and not force and read_json(done).get("settings_hash") == settings:
+        stamp = out_dir / "settings.json"
+        if not force and stage_finished(out_dir, settings):
             return False
         if is_main_process():
-            if out_dir.exists() and (force or (stamp.exists() and read_json(stamp)["settings_hash"] != settings)):
+            if out_dir.exists() and (force or (stamp.exists() and not _stamp_matches(stamp, settings))):
                 n = 1
                 while (aside := out_dir.with_name(f"{out_dir.name}.old{n}")).exists():
                     n += 1
@@ -119,20 +188,165 @@ def prepare_output(out_dir: Path, settings: str, force: bool) -> bool:
     return True
 
 
-def last_checkpoint(out_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+CHECKPOINT_MARKER = "autorule_complete.json"  # written last into a checkpoint: it counts only with it
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
-    return get_last_checkpoint(str(out_dir)) if out_dir.exists() else None
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """None if ``ckpt`` is a complete resume point, else what is wrong with it (a kill or a full disk during
+    the save). With our marker: every file it lists is there at its recorded size. Without (a save that never
+    finished, or written before the marker existed): the state is readable and model, optimizer and scheduler
+    files are there (a missing optimizer would silently resume with a fresh one)."""
+    marker = ckpt / CHECKPOINT_MARKER
+    if marker.exists():
+        try:
+            files = read_json(marker)["files"]
+        except (ValueError, KeyError, TypeError):
+            return f"{CHECKPOINT_MARKER} is unreadable"
+        for name, size in files.items():
+            f = ckpt / name
+            if not f.is_file() or f.stat().st_size != size:
+                return f"{name} is missing or cut short"
+        return None
+    try:
+        state = read_json(ckpt / "trainer_state.json")
+    except (OSError, ValueError):
+        return "trainer_state.json is missing or unreadable"
+    if not isinstance(state, dict) or "global_step" not in state:
+        return "trainer_state.json is not a trainer state"
+    if not any((ckpt / w).is_file() for w in WEIGHTS):
+        return "no model weights"
+    if not (ckpt / "optimizer.pt").is_file() and not any(ckpt.glob("global_step*")):
+        return "no optimizer state"
+    if not (ckpt / "scheduler.pt").is_file() and not any(ckpt.glob("global_step*")):
+        return "no scheduler state"
+    return None
+
+
+def checkpoint_files(ckpt: Path) -> dict[str, int]:
+    return {str(f.relative_to(ckpt)): f.stat().st_size for f in sorted(ckpt.rglob("*"))
+            if f.is_file() and f.name != CHECKPOINT_MARKER}
+
+
+def complete_checkpoints():
+    """A TrainerCallback that marks a checkpoint complete once every rank has finished writing it: the
+    marker (the checkpoint's files and sizes) is written last, atomically, so a requeue or a full disk
+    mid-save never leaves something a re-run would resume from."""
+    from accelerate import PartialState
+    from transformers import TrainerCallback
+
+    class CompleteCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            PartialState().wait_for_everyone()  # ZeRO-3 ranks write their own shards
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and ckpt.is_dir():
+                missing = [] if args.save_only_model else [
+                    f for f in ("optimizer.pt", "scheduler.pt") if not (ckpt / f).is_file()
+                    and not any(ckpt.glob("global_step*"))]
+                if not missing:  # an incomplete save gets no marker: resume skips it
+                    write_json(ckpt / CHECKPOINT_MARKER, {"global_step": state.global_step,
+                                                          "max_steps": state.max_steps,
+                                                          "model_only": bool(args.save_only_model),
+                                                          "files": checkpoint_files(ckpt)})
+            PartialState().wait_for_everyone()
+
+    return CompleteCheckpoints()
+
+
+def resume_point(out_dir: Path) -> tuple[Path | None, dict | None]:
+    """(last complete checkpoint, its trainer state). Incomplete ones after it are moved aside to
+    ``incomplete-checkpoint-N`` (nothing deleted; the Trainer would otherwise overwrite into them), each said
+    in one line. Every rank calls this; the main one decides and moves, the others wait and read its choice."""
+    from accelerate import PartialState
+
+    from .checkpoints import CHECKPOINT
+
+    state = PartialState()
+    chosen = None
+    if out_dir.exists():
+        with state.main_process_first():
+            found = sorted(((int(m.group(1)), p) for p in out_dir.iterdir()
+                            if (m := CHECKPOINT.match(p.name)) and p.is_dir()), reverse=True)
+            for step, ckpt in found:
+                problem = checkpoint_problem(ckpt)
+                if problem is None:
+                    chosen = ckpt
+                    break
+                if state.is_main_process:
+                    # a name outside the Trainer's "checkpoint-*" glob: neither resumed nor rotated
+                    n, aside = 1, ckpt.with_name(f"incomplete-{ckpt.name}")
+                    while aside.exists():
+                        n, aside = n + 1, ckpt.with_name(f"incomplete{n + 1}-{ckpt.name}")
+                    ckpt.rename(aside)
+                    print(f"{out_dir.name}: {ckpt.name} is incomplete ({problem}); moved to {aside.name}", flush=True)
+    if chosen is None:
+        return None, None
+    if state.is_main_process:
+        print(f"{out_dir.name}: resuming from {chosen.name}", flush=True)
+    return chosen, read_json(chosen / "trainer_state.json")
+
+
+def reached_end(ckpt_state: dict | None) -> bool:
+    """The checkpoint was saved at the configured end: the stage was killed between its last save and its
+    finished marker. Resuming would train past the end (the Trainer runs a step before checking)."""
+    return bool(ckpt_state) and ckpt_state.get("max_steps", 0) > 0 and \
+        ckpt_state["global_step"] >= ckpt_state["max_steps"]
+
+
+def _stamp_matches(stamp: Path, settings: str) -> bool:
+    try:
+        return read_json(stamp).get("settings_hash") == settings
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def last_checkpoint(out_dir: Path) -> str | None:
+    ckpt, _ = resume_point(out_dir)
+    return str(ckpt) if ckpt else None
+
+
+def train_summary(log_history: list[dict]) -> dict:
+    """Loss and tokens over the whole run, from the full history (the Trainer's own ``train_loss`` covers only
+    the steps of the last ``train()`` call, so it is wrong after a resume)."""
+    out, total, prev = {}, 0.0, 0
+    for e in log_history:
+        if "loss" in e and "step" in e:
+            total += float(e["loss"]) * (e["step"] - prev)  # a logged loss averages the steps since the last log
+            prev = e["step"]
+    if prev:
+        out["train_loss"] = total / prev
+    tokens = [e["num_tokens"] for e in log_history if "num_tokens" in e and not any(k.startswith("eval_") for k in e)]
+    if tokens:
+        out["num_tokens"] = tokens[-1]
+    return out
+
+
+def _copy_model_files(src: Path, dst: Path) -> None:
+    """A model folder from a checkpoint's files (weights, config), without optimizer or trainer state."""
+    import shutil
+
+    dst.mkdir(parents=True, exist_ok=True)
+    skip = {"optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin", CHECKPOINT_MARKER}
+    for f in src.iterdir():
+        if f.is_file() and f.name not in skip and not f.name.startswith("rng_state"):
+            shutil.copy2(f, dst / f.name)
 
 
 def finish(trainer, profile: Profile, stage: str, out_dir: Path, final_dir: Path, settings: str, **extra) -> Path:
-    trainer.save_model(str(final_dir))  # collective under DeepSpeed: every rank calls it
+    from_ckpt = getattr(trainer, "_autorule_finalised_from", None)
+    if from_ckpt is None:
+        trainer.save_model(str(final_dir))  # collective under DeepSpeed: every rank calls it
+    elif is_main_process():  # no training ran here (no DeepSpeed engine to save from): the checkpoint's files
+        _copy_model_files(from_ckpt, final_dir)
     if is_main_process():
         if trainer.processing_class is not None:
             trainer.processing_class.save_pretrained(str(final_dir))
         write_json(out_dir / "log_history.json", trainer.state.log_history)
         write_json(out_dir / "done.json", {"settings_hash": settings, "global_step": trainer.state.global_step,
+                                           **train_summary(trainer.state.log_history),
+                                           **({"finalised_from": from_ckpt.name} if from_ckpt else {}),
                                            **provenance(profile, stage, **extra)})
+    wait_for_done(out_dir, settings)  # every rank returns only once the stage is finished for all
     return final_dir
 
 
@@ -155,17 +369,54 @@ def progress_lines(every: int = 0):
     return ProgressLines()
 
 
-def start(trainer, out_dir: Path | None) -> None:
-    """Train from the last checkpoint under ``out_dir`` if there is one (None: no resume), with one-line
-    progress."""
-    from transformers import PrinterCallback
+def start(trainer, out_dir: Path | None, resume: tuple | None = None) -> None:
+    """Train from the last complete checkpoint under ``out_dir`` if there is one (None: no resume), with
+    one-line progress. A checkpoint at the configured end is not trained from: the trainer takes its state
+    and ``finish`` its model files. ``resume``: a ``resume_point`` already looked up (the caller built the
+    model from it)."""
+    from transformers import PrinterCallback, TrainerCallback
 
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(progress_lines())
     if out_dir is None:
         trainer.train()
-    else:
-        trainer.train(resume_from_checkpoint=last_checkpoint(out_dir))
+        return
+    trainer.add_callback(complete_checkpoints())
+
+    class RestoreTokenCount(TrainerCallback):
+        """TRL's SFT/RM trainers count tokens from 0 in every train() call; continue the checkpoint's count."""
+
+        def on_train_begin(self, args, state, control, **kw):
+            seen = [e["num_tokens"] for e in state.log_history if "num_tokens" in e]
+            if seen and hasattr(trainer, "_total_train_tokens"):
+                trainer._total_train_tokens = seen[-1]
+
+    trainer.add_callback(RestoreTokenCount())
+    ckpt, ckpt_state = resume if resume is not None else resume_point(out_dir)
+    if reached_end(ckpt_state):
+        from transformers.trainer_callback import TrainerState
+
+        trainer.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
+        trainer._autorule_finalised_from = ckpt
+        if is_main_process():
+            print(f"{out_dir.name}: {ckpt.name} is at the configured end (step {ckpt_state['global_step']}/"
+                  f"{ckpt_state['max_steps']}); finalised from it, not trained further", flush=True)
+        return
+    if ckpt is not None and read_marker(ckpt).get("model_only"):
+        if is_main_process():
+            print(f"{out_dir.name}: {ckpt.name} holds no optimizer state (save_only_model); training restarts "
+                  "from step 0", flush=True)
+            for old in out_dir.glob(f"checkpoint-*/{CHECKPOINT_MARKER}"):
+                old.unlink()  # re-saved in place: the old marker must not vouch for a half-rewritten folder
+        ckpt = None
+    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+
+
+def read_marker(ckpt: Path) -> dict:
+    try:
+        return read_json(ckpt / CHECKPOINT_MARKER)
+    except (OSError, ValueError):
+        return {}
 
 
 def load_tokenizer(path: str):
@@ -194,25 +445,28 @@ def train_sft(profile: Profile, rows: list[dict], eval_rows: list[dict], base_mo
     from trl import SFTConfig, SFTTrainer
 
     cfg, final = profile.sft, out_dir / "model"
-    settings = settings_hash(cfg, base_model, profile.hash())
+    settings = settings_hash(cfg, portable(base_model, out_dir), profile.hash())
     if not prepare_output(out_dir, settings, force):
         return final
     seed_everything(profile)
+    resume = resume_point(out_dir)
+    weights = str(resume[0]) if reached_end(resume[1]) else base_model  # at the end: the checkpoint's model
     tok = load_tokenizer(base_model)
     to_ds = lambda rs: Dataset.from_list([sft_example(r["prompt"], r["chosen_content"], tok, cfg.max_length)
                                           for r in rs])
     args = SFTConfig(
         **common_args(profile, out_dir, learning_rate=cfg.learning_rate, warmup_ratio=cfg.warmup_ratio,
                       max_grad_norm=cfg.max_grad_norm, max_steps=cfg.max_steps, save_steps=cfg.save_steps,
-                      gradient_checkpointing=cfg.gradient_checkpointing, betas=(cfg.adam_beta1, cfg.adam_beta2)),
+                      gradient_checkpointing=cfg.gradient_checkpointing, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                      save_total_limit=cfg.save_total_limit, save_only_model=cfg.save_only_model),
         num_train_epochs=cfg.num_train_epochs, per_device_train_batch_size=cfg.per_device_batch_size,
         per_device_eval_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=accumulation_steps(cfg.global_batch_size, cfg.per_device_batch_size, "sft"),
         max_length=cfg.max_length, dataset_kwargs={"skip_prepare_dataset": True}, eval_strategy="no",
     )
-    trainer = SFTTrainer(model=base_model, args=args, train_dataset=to_ds(rows), eval_dataset=to_ds(eval_rows),
+    trainer = SFTTrainer(model=weights, args=args, train_dataset=to_ds(rows), eval_dataset=to_ds(eval_rows),
                          processing_class=tok, callbacks=callbacks)
-    start(trainer, out_dir)
+    start(trainer, out_dir, resume)
     metrics = trainer.evaluate()
     return finish(trainer, profile, "sft", out_dir, final, settings, base_model=base_model, eval_metrics=metrics)
 
@@ -241,17 +495,20 @@ def train_reward_model(profile: Profile, rows: list[dict], eval_rows: list[dict]
     from trl import RewardConfig, RewardTrainer
 
     cfg, final = profile.reward_model, out_dir / "model"
-    settings = settings_hash(cfg, sft_model, profile.hash())
+    settings = settings_hash(cfg, portable(sft_model, out_dir), profile.hash())
     if not prepare_output(out_dir, settings, force):
         return final
-    seed_everything(profile)
+    seed_everything(profile)  # before the new score head is drawn
+    resume = resume_point(out_dir)
+    weights = str(resume[0]) if reached_end(resume[1]) else sft_model
     tok = load_rm_tokenizer(sft_model, cfg.pad_token)
-    model = AutoModelForSequenceClassification.from_pretrained(sft_model, num_labels=1)
+    model = AutoModelForSequenceClassification.from_pretrained(weights, num_labels=1)
     model.config.pad_token_id = tok.pad_token_id
     args = RewardConfig(
         **common_args(profile, out_dir, learning_rate=cfg.learning_rate, warmup_ratio=cfg.warmup_ratio,
                       max_grad_norm=cfg.max_grad_norm, max_steps=cfg.max_steps, save_steps=cfg.save_steps,
-                      gradient_checkpointing=cfg.gradient_checkpointing),
+                      gradient_checkpointing=cfg.gradient_checkpointing, save_total_limit=cfg.save_total_limit,
+                      save_only_model=cfg.save_only_model),
         num_train_epochs=cfg.num_train_epochs, per_device_train_batch_size=cfg.per_device_batch_size,
         per_device_eval_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=accumulation_steps(cfg.global_batch_size, cfg.per_device_batch_size,
@@ -261,7 +518,7 @@ def train_reward_model(profile: Profile, rows: list[dict], eval_rows: list[dict]
     to_ds = lambda rs: Dataset.from_list([rm_pair(r, tok) for r in rs])
     trainer = RewardTrainer(model=model, args=args, train_dataset=to_ds(rows), eval_dataset=to_ds(eval_rows),
                             processing_class=tok, callbacks=callbacks)
-    start(trainer, out_dir)
+    start(trainer, out_dir, resume)
     metrics = trainer.evaluate()
     return finish(trainer, profile, "reward_model", out_dir, final, settings, sft_model=sft_model,
                   eval_metrics=metrics)
@@ -276,7 +533,7 @@ class RewardModelScorer:
 
         self.tokenizer = load_rm_tokenizer(str(path), pad_token)
         self.tokenizer.padding_side = "right"
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device or rank_device()
         self.model = AutoModelForSequenceClassification.from_pretrained(str(path)).to(self.device).eval()
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.batch_size = batch_size
@@ -334,7 +591,8 @@ def grpo_args(profile: Profile, variant, out_dir: Path) -> dict:
         **common_args(profile, out_dir, learning_rate=v.learning_rate, warmup_ratio=v.warmup_ratio,
                       max_grad_norm=v.max_grad_norm, max_steps=v.max_steps,
                       save_steps=v.save_every_rollouts * updates_per_rollout,
-                      gradient_checkpointing=v.gradient_checkpointing, betas=(v.adam_beta1, v.adam_beta2)),
+                      gradient_checkpointing=v.gradient_checkpointing, betas=(v.adam_beta1, v.adam_beta2),
+                      save_total_limit=v.save_total_limit, save_only_model=v.save_only_model),
         num_train_epochs=v.num_episodes, per_device_train_batch_size=v.per_device_batch_size,
         gradient_accumulation_steps=accumulation_steps(v.train_batch_size, v.per_device_batch_size, "grpo"),
         generation_batch_size=responses_per_rollout, num_generations=v.num_generations,
@@ -345,6 +603,11 @@ def grpo_args(profile: Profile, variant, out_dir: Path) -> dict:
         loss_type="bnpo" if v.loss_aggregation == "token" else "grpo", scale_rewards="group",
         num_iterations=1, use_vllm=v.use_vllm, vllm_mode=v.vllm_mode, log_completions=False,
     )
+
+
+def grpo_settings(profile: Profile, variant, sft_model: str, names: list[str], reward_weights: list[float],
+                  out_dir: Path) -> str:
+    return settings_hash(variant, portable(sft_model, out_dir), profile.hash(), names, list(reward_weights))
 
 
 def _no_bos_grpo_trainer():
@@ -371,18 +634,20 @@ def train_grpo(profile: Profile, variant_name: str, prompts: list[dict], sft_mod
     variant = profile.grpo_variant(variant_name)
     final = out_dir / "final"
     names = [getattr(f, "__name__", type(f).__name__) for f in reward_funcs]
-    settings = settings_hash(variant, sft_model, profile.hash(), names, reward_weights)
+    settings = grpo_settings(profile, variant, sft_model, names, reward_weights, out_dir)
     if not prepare_output(out_dir, settings, force):
         return final
     seed_everything(profile)
+    resume = resume_point(out_dir)
+    weights = str(resume[0]) if reached_end(resume[1]) else sft_model
     tok = load_tokenizer(sft_model)
     tok.padding_side = "left"
     args = GRPOConfig(**grpo_args(profile, variant, out_dir), reward_weights=reward_weights)
-    trainer = _no_bos_grpo_trainer()(model=sft_model, reward_funcs=reward_funcs, args=args,
+    trainer = _no_bos_grpo_trainer()(model=weights, reward_funcs=reward_funcs, args=args,
                                      train_dataset=Dataset.from_list(grpo_prompts(prompts, tok,
                                                                                   variant.max_prompt_length)),
                                      processing_class=tok, callbacks=callbacks)
-    start(trainer, out_dir)
+    start(trainer, out_dir, resume)
     return finish(trainer, profile, f"grpo/{variant_name}", out_dir, final, settings, sft_model=sft_model,
                   variant=dataclasses.asdict(variant), reward_funcs=names, reward_weights=reward_weights)
 
@@ -405,7 +670,7 @@ def train_ppo(profile: Profile, prompts: list[dict], sft_model: str, rm_model: s
         from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     cfg, final = profile.ppo, out_dir / "final"
-    settings = settings_hash(cfg, sft_model, rm_model, profile.hash())
+    settings = settings_hash(cfg, portable(sft_model, out_dir), portable(rm_model, out_dir), profile.hash())
     if not prepare_output(out_dir, settings, force):
         return final
     seed_everything(profile)
