@@ -16,8 +16,8 @@ from .artifacts import provenance, read_json, require, write_json
 from .config import Profile, dump_profile, load_profile
 from .data import load_source
 from .tiny_models import resolve_model
-from .training import (RewardModelScorer, rm_normalization, train_grpo, train_ppo, train_reward_model,
-                       train_sft)
+from .training import (RewardModelScorer, grpo_settings, rm_normalization, stage_finished, train_grpo, train_ppo,
+                       train_reward_model, train_sft, wait_for_file, world_size)
 
 DATA, RULES, SFT, RM, GRPO = "01_data_preparation", "02_rule_extraction", "04_sft", "05_reward_model", "06_grpo"
 STAGES = ("sft", "reward_model", "grpo", "ppo")
@@ -46,29 +46,84 @@ def sft_stage(profile: Profile, run_dir: Path, force: bool = False) -> Path:
 
 
 def reward_model_stage(profile: Profile, run_dir: Path, force: bool = False) -> Path:
-    """Bradley-Terry RM from the SFT model, then mu/sigma frozen on the filtered test pairs."""
+    """Bradley-Terry RM from the SFT model, then mu/sigma frozen on the filtered test pairs.
+
+    Under several processes mu/sigma is computed by rank 0 in a fresh process (no DeepSpeed ZeRO-3 configured
+    there: a ``from_pretrained`` under ``zero.Init`` in one rank would issue collectives the others never join);
+    the other ranks wait for its file."""
     sets = uf_sets(run_dir)
     out = artifacts(run_dir, RM)
     path = train_reward_model(profile, sets["rm_train"], sets["rm_eval"], sft_model(run_dir), out, force=force)
     norm_file = out / "rm_normalization.json"
-    done = read_json(out / "done.json")
-    if not norm_file.exists() or read_json(norm_file).get("settings_hash") != done["settings_hash"]:
-        if int(os.environ.get("RANK", "0")) == 0:
-            scorer = RewardModelScorer(path, profile.reward_model.pad_token)
-            stats = rm_normalization(scorer, sets["rm_eval"])
-            write_json(norm_file, {**stats, "settings_hash": done["settings_hash"],
-                                   "computed_on": "rm_eval (filtered test_prefs), chosen and rejected",
-                                   **provenance(profile, "reward_model/normalization", rm_model=str(path))})
+    done = read_json(out / "done.json")  # every rank returns from training only once it exists
+    current = lambda: norm_file.exists() and read_json(norm_file).get("settings_hash") == done["settings_hash"]
+    if not current():
+        if world_size() <= 1:
+            write_rm_normalization(profile, run_dir)
+        elif int(os.environ.get("RANK", "0")) == 0:
+            subprocess.run([sys.executable, "-m", "autorule_lib.training_stages", "rm-normalization", "--profile",
+                            str(dump_frozen(profile, run_dir)), "--run-dir", str(run_dir)],
+                           env=single_process_env(), check=True)
+        wait_for_file(norm_file, current, "rank 0 computing mu/sigma")
     return path
 
 
+def write_rm_normalization(profile: Profile, run_dir: Path, device: str | None = None) -> Path:
+    out = artifacts(run_dir, RM)
+    done = read_json(out / "done.json", RM)
+    scorer = RewardModelScorer(out / "model", profile.reward_model.pad_token, device=device)
+    stats = rm_normalization(scorer, uf_sets(run_dir)["rm_eval"])
+    return write_json(out / "rm_normalization.json", {
+        **stats, "settings_hash": done["settings_hash"], "computed_on": "rm_eval (filtered test_prefs), chosen and "
+        "rejected", **provenance(profile, "reward_model/normalization", rm_model=f"{RM}/model")})
+
+
+def single_process_env() -> dict:
+    """This environment without the launcher's distributed variables: a child of one rank runs alone, on that
+    rank's GPU."""
+    drop = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+            "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("ACCELERATE_", "TORCHELASTIC_"))}
+    local = os.environ.get("LOCAL_RANK")
+    if local is not None and "CUDA_VISIBLE_DEVICES" in os.environ:
+        visible = os.environ["CUDA_VISIBLE_DEVICES"].split(",")
+        env["CUDA_VISIBLE_DEVICES"] = visible[int(local)] if int(local) < len(visible) else visible[0]
+    elif local is not None:
+        env["CUDA_VISIBLE_DEVICES"] = local
+    return env
+
+
+def dump_frozen(profile: Profile, run_dir: Path) -> Path:
+    frozen = Path(run_dir) / "profile.yaml"
+    if profile.source_file != str(frozen.resolve()):
+        frozen = dump_profile(profile, frozen)
+    return frozen
+
+
 def grpo_stage(profile: Profile, run_dir: Path, variant: str, force: bool = False) -> Path:
+    from accelerate import PartialState
+
     from .rewards import build_reward_funcs  # the rule verifier is only needed here
 
     sets = uf_sets(run_dir)
-    funcs, weights = build_reward_funcs(profile, profile.grpo_variant(variant), run_dir)
-    return train_grpo(profile, variant, sets["rl_prompts"], sft_model(run_dir), artifacts(run_dir, GRPO) / variant,
-                      funcs, weights, force=force)
+    out = artifacts(run_dir, GRPO) / variant
+    v = profile.grpo_variant(variant)
+    names, weights = reward_layout(profile, v)
+    if not force and stage_finished(out, grpo_settings(profile, v, sft_model(run_dir), names, weights, out)):
+        return out / "final"  # e.g. the --parallel-runs collector: nothing is built for a finished run
+    # accelerate sets each rank's device here, so the RM and a local verifier go to the rank's own GPU
+    PartialState()
+    funcs, weights = build_reward_funcs(profile, v, run_dir)
+    return train_grpo(profile, variant, sets["rl_prompts"], sft_model(run_dir), out, funcs, weights, force=force)
+
+
+def reward_layout(profile: Profile, variant) -> tuple[list[str], list[float]]:
+    """The reward functions' names and weights a GRPO run will have (``rewards.build_reward_funcs``), known
+    without loading any model."""
+    c = profile.reward
+    return {"autorule": (["rule_reward", "rm_reward"], [c.rule_weight, c.rm_weight]),
+            "rm": (["rm_reward"], [c.rm_weight]),
+            "rm_length_penalty": (["rm_reward", "length_penalty"], [c.rm_weight, 1.0])}.get(variant.reward, ([], []))
 
 
 def ppo_stage(profile: Profile, run_dir: Path, force: bool = False) -> Path:
@@ -78,6 +133,8 @@ def ppo_stage(profile: Profile, run_dir: Path, force: bool = False) -> Path:
 
 
 def _call(stage: str, profile: Profile, run_dir: Path, variant: str | None, force: bool) -> Path:
+    if stage == "rm-normalization":
+        return write_rm_normalization(profile, run_dir)
     if stage == "grpo":
         if not variant:
             raise ValueError("stage 'grpo' needs a variant (a name in the profile's grpo_variants)")
@@ -99,9 +156,7 @@ def accelerate_command(stage: str, profile: Profile, run_dir: Path, variant: str
     AUTORULE_MAIN_PROCESS_IP/PORT and AUTORULE_NODE_LAUNCHER (an srun prefix): one launcher then starts on each
     node and learns its machine rank there (autorule_lib.slurm node-rank). Without them: one node, as before."""
     env = os.environ if environ is None else environ
-    frozen = Path(run_dir) / "profile.yaml"
-    if profile.source_file != str(frozen.resolve()):  # parallel cluster jobs read that file: never rewrite it
-        frozen = dump_profile(profile, frozen)
+    frozen = dump_frozen(profile, run_dir)  # parallel cluster jobs read that file: never rewrite it
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes(profile, env))]
     if profile.accelerate_config:
         cmd += ["--config_file", profile.accelerate_config]
@@ -134,7 +189,7 @@ def run_stage(stage: str, profile: Profile, run_dir: str | Path, variant: str | 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Run one training stage (used by `accelerate launch`).")
-    p.add_argument("stage", choices=STAGES)
+    p.add_argument("stage", choices=STAGES + ("rm-normalization",))
     p.add_argument("--profile", required=True)
     p.add_argument("--run-dir", required=True)
     p.add_argument("--variant")
