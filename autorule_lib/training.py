@@ -140,15 +140,23 @@ def wait_for_done(out_dir: Path, settings: str) -> None:
                       "rank 0 saving the final model and writing the finished marker")
 
 
+def dist_state():
+    """accelerate's process state, created as the Trainer will create it: a CPU run's ranks (ACCELERATE_USE_CPU,
+    set by ``training_stages.run_stage``) form a gloo group. Whoever creates it first fixes it for the process,
+    so every call here must agree with TrainingArguments(use_cpu=...)."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def rank_device(profile: Profile | None = None) -> str:
     """This process's device as accelerate set it (creating its state first when needed): under several
     processes rank k's models go to cuda:k, never all to cuda:0."""
     import torch
 
     if world_size() > 1:
-        from accelerate import PartialState
-
-        return str(PartialState().device)
+        return str(dist_state().device)
     if profile is not None:
         return device_kind(profile)
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -171,9 +179,7 @@ def prepare_output(out_dir: Path, settings: str, force: bool) -> bool:
     """True if the stage must run. A finished stage with the same settings is kept; different settings move
     the old output aside (nothing is deleted) so stale checkpoints are never resumed. Under several
     processes the main one decides and moves; the others follow it."""
-    from accelerate import PartialState
-
-    with PartialState().main_process_first():
+    with dist_state().main_process_first():
         stamp = out_dir / "settings.json"
         if not force and stage_finished(out_dir, settings):
             return False
@@ -232,12 +238,11 @@ def complete_checkpoints():
     """A TrainerCallback that marks a checkpoint complete once every rank has finished writing it: the
     marker (the checkpoint's files and sizes) is written last, atomically, so a requeue or a full disk
     mid-save never leaves something a re-run would resume from."""
-    from accelerate import PartialState
     from transformers import TrainerCallback
 
     class CompleteCheckpoints(TrainerCallback):
         def on_save(self, args, state, control, **kw):
-            PartialState().wait_for_everyone()  # ZeRO-3 ranks write their own shards
+            dist_state().wait_for_everyone()  # ZeRO-3 ranks write their own shards
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if state.is_world_process_zero and ckpt.is_dir():
                 missing = [] if args.save_only_model else [
@@ -248,7 +253,7 @@ def complete_checkpoints():
                                                           "max_steps": state.max_steps,
                                                           "model_only": bool(args.save_only_model),
                                                           "files": checkpoint_files(ckpt)})
-            PartialState().wait_for_everyone()
+            dist_state().wait_for_everyone()
 
     return CompleteCheckpoints()
 
@@ -257,11 +262,9 @@ def resume_point(out_dir: Path) -> tuple[Path | None, dict | None]:
     """(last complete checkpoint, its trainer state). Incomplete ones after it are moved aside to
     ``incomplete-checkpoint-N`` (nothing deleted; the Trainer would otherwise overwrite into them), each said
     in one line. Every rank calls this; the main one decides and moves, the others wait and read its choice."""
-    from accelerate import PartialState
-
     from .checkpoints import CHECKPOINT
 
-    state = PartialState()
+    state = dist_state()
     chosen = None
     if out_dir.exists():
         with state.main_process_first():

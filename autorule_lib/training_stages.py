@@ -16,7 +16,7 @@ from .artifacts import provenance, read_json, require, write_json
 from .config import Profile, dump_profile, load_profile
 from .data import load_source
 from .tiny_models import resolve_model
-from .training import (RewardModelScorer, grpo_settings, rm_normalization, stage_finished, train_grpo, train_ppo,
+from .training import (RewardModelScorer, device_kind, dist_state, grpo_settings, rm_normalization, stage_finished, train_grpo, train_ppo,
                        train_reward_model, train_sft, wait_for_file, world_size)
 
 DATA, RULES, SFT, RM, GRPO = "01_data_preparation", "02_rule_extraction", "04_sft", "05_reward_model", "06_grpo"
@@ -101,8 +101,6 @@ def dump_frozen(profile: Profile, run_dir: Path) -> Path:
 
 
 def grpo_stage(profile: Profile, run_dir: Path, variant: str, force: bool = False) -> Path:
-    from accelerate import PartialState
-
     from .rewards import build_reward_funcs  # the rule verifier is only needed here
 
     sets = uf_sets(run_dir)
@@ -112,7 +110,7 @@ def grpo_stage(profile: Profile, run_dir: Path, variant: str, force: bool = Fals
     if not force and stage_finished(out, grpo_settings(profile, v, sft_model(run_dir), names, weights, out)):
         return out / "final"  # e.g. the --parallel-runs collector: nothing is built for a finished run
     # accelerate sets each rank's device here, so the RM and a local verifier go to the rank's own GPU
-    PartialState()
+    dist_state()
     funcs, weights = build_reward_funcs(profile, v, run_dir)
     return train_grpo(profile, variant, sets["rl_prompts"], sft_model(run_dir), out, funcs, weights, force=force)
 
@@ -160,6 +158,8 @@ def accelerate_command(stage: str, profile: Profile, run_dir: Path, variant: str
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes(profile, env))]
     if profile.accelerate_config:
         cmd += ["--config_file", profile.accelerate_config]
+    elif device_kind(profile) == "cpu":  # torchrun's launcher; run_stage sets ACCELERATE_USE_CPU: a gloo group
+        cmd += ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]  # (--cpu starts ONE process)
     machines = int(env.get("AUTORULE_NUM_MACHINES") or 1)
     if machines > 1:
         cmd += ["--num_machines", str(machines), "--main_process_ip", env["AUTORULE_MAIN_PROCESS_IP"],
@@ -181,7 +181,8 @@ def run_stage(stage: str, profile: Profile, run_dir: str | Path, variant: str | 
         return _call(stage, profile, run_dir, variant, force)
     cmd = accelerate_command(stage, profile, run_dir, variant, force)
     print("launching:", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    cpu = not profile.accelerate_config and device_kind(profile) == "cpu"
+    subprocess.run(cmd, check=True, env={**os.environ, "ACCELERATE_USE_CPU": "true"} if cpu else None)
     out = {"sft": artifacts(run_dir, SFT) / "model", "reward_model": artifacts(run_dir, RM) / "model",
            "ppo": artifacts(run_dir, GRPO) / "ppo" / "final"}
     return out.get(stage, artifacts(run_dir, GRPO) / str(variant) / "final")

@@ -116,6 +116,14 @@ def rm_inputs(tmp_path_factory):
     return run
 
 
+def launched_ranks(stage_dir: Path) -> int:
+    """How many processes trained: the Trainer's own record in a checkpoint (not the launcher's flags)."""
+    import torch
+
+    ckpt = next(stage_dir.glob("checkpoint-*"))
+    return torch.load(ckpt / "training_args.bin", weights_only=False).world_size
+
+
 SLOW_SAVE = """
 import os
 if os.environ.get("RANK") == "0":  # launched rank 0 only: its final save takes long (an 8B model on slow storage)
@@ -144,6 +152,7 @@ def test_two_ranks_agree_on_completion_despite_a_slow_save_on_rank_0(rm_inputs, 
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert time.monotonic() - t0 > 8  # the slow save happened
     out = S.artifacts(run, S.RM)
+    assert launched_ranks(out) == 2
     norm = json.loads((out / "rm_normalization.json").read_text())
     assert norm["settings_hash"] == json.loads((out / "done.json").read_text())["settings_hash"]
     # mu/sigma belong to the saved RM (computed in a fresh process from the final model)
@@ -183,6 +192,7 @@ def test_training_stages_of_chapters_04_to_06_with_two_cpu_ranks(models_dir, tmp
     assert said.out.count("launching:") == 3 + len(profile.grpo_run_names())
     assert "--num_processes 2" in said.out
     art = run / "artifacts"
+    assert launched_ranks(art / "04_sft") == 2 and launched_ranks(art / "06_grpo" / "rm_only") == 2
     for stage in ["04_sft", "05_reward_model"] + [f"06_grpo/{v}" for v in profile.grpo_run_names()] + ["06_grpo/ppo"]:
         done = json.loads((art / stage / "done.json").read_text())
         assert done["global_step"] > 0, stage
