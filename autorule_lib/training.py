@@ -335,9 +335,12 @@ def _copy_model_files(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
-def finish(trainer, profile: Profile, stage: str, out_dir: Path, final_dir: Path, settings: str, **extra) -> Path:
+def finish(trainer, profile: Profile, stage: str, out_dir: Path, final_dir: Path, settings: str, save=None,
+           **extra) -> Path:
     from_ckpt = getattr(trainer, "_autorule_finalised_from", None)
-    if from_ckpt is None:
+    if save is not None:
+        save(trainer, final_dir)
+    elif from_ckpt is None:
         trainer.save_model(str(final_dir))  # collective under DeepSpeed: every rank calls it
     elif is_main_process():  # no training ran here (no DeepSpeed engine to save from): the checkpoint's files
         _copy_model_files(from_ckpt, final_dir)
@@ -686,9 +689,13 @@ def train_ppo(profile: Profile, prompts: list[dict], sft_model: str, rm_model: s
     if cfg.prompts_per_rollout % cfg.train_batch_size:
         raise ConfigError("ppo: prompts_per_rollout must be a multiple of train_batch_size")
     local_rollout = cfg.prompts_per_rollout // world_size()
+    ppo_args = common_args(profile, out_dir, learning_rate=cfg.actor_learning_rate, warmup_ratio=cfg.critic_warmup_ratio,
+                           max_grad_norm=cfg.max_grad_norm, max_steps=-1, save_steps=10**9, gradient_checkpointing=False)
+    # no checkpoints: the loop cannot resume from them, and TRL's end-of-run checkpoint reads .config from the
+    # DDP-wrapped model (AttributeError under several processes)
+    ppo_args["save_strategy"] = "no"
     args = PPOConfig(
-        **common_args(profile, out_dir, learning_rate=cfg.actor_learning_rate, warmup_ratio=cfg.critic_warmup_ratio,
-                      max_grad_norm=cfg.max_grad_norm, max_steps=-1, save_steps=10**9, gradient_checkpointing=False),
+        **ppo_args,
         per_device_train_batch_size=min(cfg.per_device_batch_size, local_rollout),
         gradient_accumulation_steps=max(1, local_rollout // min(cfg.per_device_batch_size, local_rollout)),
         num_mini_batches=mini_batches, num_ppo_epochs=1, response_length=cfg.max_completion_length,
@@ -705,4 +712,17 @@ def train_ppo(profile: Profile, prompts: list[dict], sft_model: str, rm_model: s
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                          value_model=value, train_dataset=Dataset.from_dict({"input_ids": ids}))
     start(trainer, None)  # TRL's PPO loop takes no checkpoint: an interrupted run restarts
-    return finish(trainer, profile, "ppo", out_dir, final, settings, sft_model=sft_model, rm_model=rm_model)
+    return finish(trainer, profile, "ppo", out_dir, final, settings, save=save_ppo_policy, sft_model=sft_model,
+                  rm_model=rm_model)
+
+
+def save_ppo_policy(trainer, final_dir: Path) -> None:
+    """The policy alone, as a loadable model. TRL's PPOTrainer.save_model looks for ``.policy`` on the wrapped
+    model, which under DDP (or DeepSpeed) is the wrapper, so it would save the policy+value state dict without a
+    config. The state dict is gathered by every rank (collective under ZeRO-3); rank 0 writes."""
+    acc = trainer.accelerator
+    full = acc.get_state_dict(getattr(trainer, "deepspeed", None) or trainer.model)
+    if acc.is_main_process:
+        policy = acc.unwrap_model(trainer.model).policy
+        policy.save_pretrained(str(final_dir), state_dict={k.removeprefix("policy."): v for k, v in full.items()
+                                                            if k.startswith("policy.")})
