@@ -11,9 +11,12 @@ import pytest
 
 from autorule_lib.config import PROJECT_ROOT
 
-# what legitimately differs between two runs: when and how fast, and where (the run directory itself)
+# what legitimately differs between two runs: when and how fast, and where (the run directory itself); and
+# checkpoint_id, a file-identity stamp (path, sizes, mtimes: artifacts.files_stamp), not a number
 VOLATILE = re.compile(r"(^|_)(runtime|per_second|created_at|started_at|finished_at|time|seconds|elapsed|duration|"
-                      r"timestamp|took_s|wall_s|date)$|_at$|^time_|^seconds")
+                      r"timestamp|took_s|wall_s|date)$|_at$|^time_|^seconds|^checkpoint_id$")
+# a checkpoint's completeness record lists file sizes, and trainer_state.json's size varies with its timings
+NOT_METRICS = {"autorule_complete.json"}
 
 
 def normalised(value, run_dir: str):
@@ -30,6 +33,8 @@ def json_differences(a: Path, b: Path) -> list[str]:
     """Relative paths of the JSON files under ``a/artifacts`` that are missing from, or differ in, ``b``."""
     out = []
     for fa in sorted((a / "artifacts").rglob("*.json")):
+        if fa.name in NOT_METRICS:
+            continue
         rel = fa.relative_to(a)
         fb = b / rel
         if not fb.exists():
