@@ -382,8 +382,13 @@ def start(trainer, out_dir: Path | None, resume: tuple | None = None) -> None:
     model from it)."""
     from transformers import PrinterCallback, TrainerCallback
 
+    from transformers.utils import logging as hf_logging
+
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(progress_lines())
+    # rotating checkpoints saved within a second (tiny runs) warns that mtime "may not be reliable" and falls back
+    # to step order, which is what we want anyway: keep it out of the chapters
+    hf_logging.get_logger("transformers.trainer_utils").setLevel(hf_logging.ERROR)
     if out_dir is None:
         trainer.train()
         return
