@@ -9,7 +9,7 @@ from autorule_lib.judge import JudgeReply, JudgeSpec
 from autorule_lib.winrate import (ADMISSIBLE_RANKINGS, RANKING_PROMPT, bootstrap_ci, judge_pairs, parse_ranking,
                                   ranking_prompt, summarize, uf_win_rate)
 
-SEED = Path(__file__).resolve().parents[2] / "shared" / "SEED_EVAL.md"
+SEED = Path(__file__).resolve().parents[1] / "fixtures" / "authors_readme" / "evaluation_texts.md"
 
 
 def test_prompt_is_the_seed_text():
@@ -19,9 +19,8 @@ def test_prompt_is_the_seed_text():
     assert '{\n"model": "model_1",\n"answer": """Hi!"""\n},\n{\n"model": "model_2",\n"answer": """Hello."""\n}' in text
     assert "{'model': <model-name>, 'rank': <model-rank>}," in text
     assert text.endswith("Please provide the ranking that the majority of humans would give.")
-    if SEED.exists():  # the seed document, where this checkout has it
-        block = re.search(r"## 1\..*?```text\n(.*?)\n```", SEED.read_text(), re.S).group(1)
-        assert RANKING_PROMPT == block
+    block = re.search(r"## 1\..*?```text\n(.*?)\n```", SEED.read_text(), re.S).group(1)
+    assert RANKING_PROMPT == block
 
 
 def test_prompt_leaves_braces_in_responses_alone():
