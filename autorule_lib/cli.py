@@ -69,7 +69,9 @@ def _cmd_run(args) -> int:
     profile = load_profile(args.profile)
     only = [x for item in (args.only or []) for x in item.split(",") if x]
     try:
-        manifest = run_book(profile, only=only, output_dir=args.output_dir, force=args.force)
+        # papermill's per-cell bar helps at a terminal; in a log file or a SLURM log it is noise
+        manifest = run_book(profile, only=only, output_dir=args.output_dir, force=args.force,
+                            progress=sys.stderr.isatty())
     except StageFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import signal
@@ -33,9 +34,6 @@ NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 LIBRARY_DIR = Path(__file__).resolve().parent
 STAGE_NAME = re.compile(r"^(\d\d)_[a-z0-9_]+\.ipynb$")
 KERNEL_NAME = "autorule"
-# the kernel's own log (e.g. "running over TCP without encryption", on every start) says nothing a reader of
-# the run can act on; errors still show
-KERNEL_ARGS = ["--IPKernelApp.log_level=ERROR"]
 
 
 class StageFailed(RuntimeError):
@@ -116,6 +114,25 @@ class PrerequisitesMissing(RuntimeError):
     """Earlier chapters the selected ones read from have not finished under this profile."""
 
 
+def _kernel_manager_class(log_path: Path):
+    """A kernel manager that sends the kernel process's own output to ``log_path``.
+
+    What a cell prints reaches the notebook over the kernel's channels; the process's stdout/stderr
+    only carry the kernel's own log (its start-up notice, tracebacks while it is interrupted or shut
+    down), which would otherwise land in the console between the runner's lines."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class LoggedKernelManager(AsyncKernelManager):
+        async def _async_pre_start_kernel(self, **kw):
+            cmd, kw = await super()._async_pre_start_kernel(**kw)
+            log = open(log_path, "ab")  # the kernel process holds its own copy of the descriptor
+            kw["stdout"] = kw["stderr"] = log
+            self._autorule_log = log
+            return cmd, kw
+
+    return LoggedKernelManager
+
+
 def _kernel_name() -> str:
     from jupyter_client.kernelspec import KernelSpecManager
 
@@ -181,7 +198,12 @@ def missing_prerequisites(stages: list[Stage], selected: list[Stage], records: d
             if s.name not in chosen and records.get(s.name, {}).get("status") != "ok"]
 
 
-def _on_sigterm(signum, frame):  # SLURM preemption and `kill` end the run like Ctrl-C
+def _on_signal(signum, frame):
+    """Ctrl-C, SLURM preemption and `kill` end the run the same way: one line, manifest marked. The
+    kernel is shut down while the interrupt unwinds; what papermill, nbclient and asyncio log about
+    that ("kernel died", unretrieved task errors) is a consequence, not news, so it is silenced."""
+    for name in ("papermill", "nbclient", "asyncio", "traitlets"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     raise KeyboardInterrupt
 
 
@@ -229,7 +251,8 @@ def _run_locked(profile, stages, selected, rdir, records, force, progress, noteb
     env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONHASHSEED": str(profile.seed)}
     os.environ.update(env)  # the kernel inherits this process's environment
     hashes = FileHashes(rdir)
-    previous_term = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    previous = ({sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+                if _main_thread() else {})
     try:
         for i, stage in enumerate(selected, 1):
             fp = fingerprints(stages, profile, rdir, manifest["stages"], hashes)[stage.name]
@@ -248,8 +271,8 @@ def _run_locked(profile, stages, selected, rdir, records, force, progress, noteb
                        notebooks_dir, prev)
             print(f"    done in {manifest['stages'][stage.name]['seconds']} s", flush=True)
     finally:
-        if previous_term is not None:
-            signal.signal(signal.SIGTERM, previous_term)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return manifest
 
 
@@ -275,7 +298,8 @@ def _run_stage(pm, stage, executed, fp, frozen, rdir, manifest, manifest_path, f
         executed.parent.mkdir(parents=True, exist_ok=True)
         pm.execute_notebook(str(stage.path), str(partial), kernel_name=_kernel_name(), cwd=str(notebooks_dir),
                             parameters=_parameters(stage.path, frozen, rdir, force), progress_bar=progress,
-                            request_save_on_cell_execute=True, language="python", extra_arguments=KERNEL_ARGS)
+                            request_save_on_cell_execute=True, language="python",
+                            kernel_manager_class=_kernel_manager_class(executed.parent / f".{stage.name}.kernel.log"))
         record["status"] = "ok"
     except KeyboardInterrupt:
         interrupted = RunInterrupted(stage.name)
