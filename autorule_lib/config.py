@@ -454,16 +454,6 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     return _deep_merge(_read_yaml(parent_path, seen + (path,)), data)
 
 
-def _own_name(path: Path) -> str:
-    """The profile's name: its file's own ``name`` key, else the file name. Never inherited through
-    ``extends``, so a small profile on top of ``smoke`` does not write into the smoke run."""
-    own = (yaml.safe_load(path.read_text()) or {}).get("name")
-    name = str(own) if own is not None else path.stem
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise ConfigError(f"{path}: name: {name!r} is not a plain folder name (letters, digits, '.', '_', '-')")
-    return name
-
-
 def load_profile(name_or_file: str | Path) -> Profile:
     """Load, merge ``extends`` chains, type-check and resolve a profile."""
     path = profile_path(name_or_file)
@@ -498,3 +488,13 @@ def run_dir(profile: Profile, output_dir: str | Path | None = None) -> Path:
         return Path(output_dir).expanduser().resolve()
     base = Path(profile.runs_dir).expanduser()
     return (base if base.is_absolute() else PROJECT_ROOT / base).resolve() / profile.name
+
+
+def _own_name(path: Path) -> str:
+    """The profile's name: its file's own ``name`` key, else the file name. Never inherited through
+    ``extends``, so a small profile on top of ``smoke`` does not write into the smoke run."""
+    own = (yaml.safe_load(path.read_text()) or {}).get("name")
+    name = str(own) if own is not None else path.stem
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ConfigError(f"{path}: name: {name!r} is not a plain folder name (letters, digits, '.', '_', '-')")
+    return name
