@@ -74,6 +74,17 @@ def build_book(run_dir: str | Path, profile=None) -> Path:
     return index
 
 
+def _manifest_page(manifest: dict, failed: list[str]) -> str:
+    rows = "\n".join(f"| {name} | {s.get('status')} | {s.get('seconds', '')} | `{s.get('fingerprint', '')}` |"
+                     for name, s in sorted(manifest["stages"].items()))
+    warn = f"\n```{{warning}}\nStages not finished successfully: {', '.join(failed)}\n```\n" if failed else ""
+    pkgs = ", ".join(f"{k} {v}" for k, v in manifest["packages"].items())
+    return (f"# Run manifest\n{warn}\n- profile: **{manifest['profile']}** (hash `{manifest['profile_hash']}`, "
+            f"seed {manifest['seed']})\n- code: `{manifest['git_commit']}`\n- Python {manifest['python']}; {pkgs}\n"
+            f"- started {manifest['started_at']}, ended {manifest['ended_at']}\n\n"
+            f"| stage | status | seconds | fingerprint |\n|---|---|---|---|\n{rows}\n")
+
+
 def publishable(run_dir: Path, manifest: dict, stage_names: list[str]) -> tuple[list[Path], dict[str, str]]:
     """Executed notebooks to publish, in chapter order, and why each other chapter is left out."""
     records = manifest.get("stages", {})
@@ -115,14 +126,3 @@ def _add_texts(src: Path, failed: list[str]) -> None:
         title, rest = intro.read_text().split("\n", 1)
         intro.write_text(f"{title}\n\n```{{warning}}\nThis book is incomplete. Not published, because the run did "
                          f"not finish them under this profile: {', '.join(failed)}.\n```\n{rest}")
-
-
-def _manifest_page(manifest: dict, failed: list[str]) -> str:
-    rows = "\n".join(f"| {name} | {s.get('status')} | {s.get('seconds', '')} | `{s.get('fingerprint', '')}` |"
-                     for name, s in sorted(manifest["stages"].items()))
-    warn = f"\n```{{warning}}\nStages not finished successfully: {', '.join(failed)}\n```\n" if failed else ""
-    pkgs = ", ".join(f"{k} {v}" for k, v in manifest["packages"].items())
-    return (f"# Run manifest\n{warn}\n- profile: **{manifest['profile']}** (hash `{manifest['profile_hash']}`, "
-            f"seed {manifest['seed']})\n- code: `{manifest['git_commit']}`\n- Python {manifest['python']}; {pkgs}\n"
-            f"- started {manifest['started_at']}, ended {manifest['ended_at']}\n\n"
-            f"| stage | status | seconds | fingerprint |\n|---|---|---|---|\n{rows}\n")
