@@ -65,7 +65,7 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
-              "since": now()}
+              "since": now(), "slurm_job": os.environ.get("SLURM_JOB_ID")}
         for _ in range(50):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -73,12 +73,15 @@ class RunLock:
                 holder = self._holder()
                 if holder is None:
                     continue  # released meanwhile: try again
-                if holder.get("host") not in (None, me["host"]):
+                requeued = bool(me["slurm_job"]) and holder.get("slurm_job") == me["slurm_job"]
+                if requeued:  # an earlier start of this same SLURM job, killed on requeue (maybe elsewhere)
+                    pass
+                elif holder.get("host") not in (None, me["host"]):
                     raise RunLocked(f"{self.path.parent} is in use by a run on host {holder['host']} (pid "
                                     f"{holder.get('pid')}, since {holder.get('since')}); if that run is gone, "
                                     f"delete {self.path} and re-run") from None
                 pid = holder.get("pid")
-                if isinstance(pid, int) and _alive(pid, holder.get("start")):
+                if not requeued and isinstance(pid, int) and _alive(pid, holder.get("start")):
                     raise RunLocked(f"{self.path.parent} is in use by another run (pid {pid}, since "
                                     f"{holder.get('since')}); wait for it to finish, or pass another "
                                     f"--output-dir") from None

@@ -353,3 +353,15 @@ def test_notebook_ok_rejects_truncated_json(tmp_path):
     nbformat.write(new_notebook(), good)
     bad.write_text(good.read_text()[:20])
     assert _notebook_ok(good) and not _notebook_ok(bad)
+
+
+def test_lock_of_another_host_is_refused_unless_it_is_this_requeued_slurm_job(tmp_path, monkeypatch):
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "node-17", "since": "earlier", "slurm_job": "99"}))
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with pytest.raises(RunLocked, match=f"host node-17 .*delete {tmp_path / LOCK_NAME}"):
+        RunLock(tmp_path).acquire()
+    monkeypatch.setenv("SLURM_JOB_ID", "99")  # the same job, requeued onto another node
+    lock = RunLock(tmp_path).acquire()
+    assert lock.taken_over["host"] == "node-17"
+    lock.release()
+    assert not (tmp_path / LOCK_NAME).exists()
