@@ -119,7 +119,8 @@ def _kernel_manager_class(log_path: Path):
 
     What a cell prints reaches the notebook over the kernel's channels; the process's stdout/stderr
     only carry the kernel's own log (its start-up notice, tracebacks while it is interrupted or shut
-    down), which would otherwise land in the console between the runner's lines."""
+    down), which would otherwise land in the console between the runner's lines. JupyterLab kernels
+    are untouched."""
     from jupyter_client.manager import AsyncKernelManager
 
     class LoggedKernelManager(AsyncKernelManager):
@@ -127,6 +128,8 @@ def _kernel_manager_class(log_path: Path):
             cmd, kw = await super()._async_pre_start_kernel(**kw)
             log = open(log_path, "ab")  # the kernel process holds its own copy of the descriptor
             kw["stdout"] = kw["stderr"] = log
+            # progress bars (datasets, extraction, trainers) are for a person watching, not for the book
+            kw["env"] = {**(kw.get("env") or os.environ), "TQDM_DISABLE": "1"}
             self._autorule_log = log
             return cmd, kw
 

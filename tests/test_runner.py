@@ -365,3 +365,15 @@ def test_lock_of_another_host_is_refused_unless_it_is_this_requeued_slurm_job(tm
     assert lock.taken_over["host"] == "node-17"
     lock.release()
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_progress_bars_stay_out_of_executed_chapters(tmp_path):
+    d = tmp_path / "nbs"
+    d.mkdir()
+    make_nb(d / "00_bars.ipynb", "from tqdm.auto import tqdm\nfor _ in tqdm(range(3), desc='loading shards'):\n    pass")
+    out = tmp_path / "run"
+    run_book(load_profile("smoke"), output_dir=out, notebooks_dir=d, progress=False)
+    cells = json.loads((out / "notebooks" / "00_bars.ipynb").read_text())["cells"]
+    shown = json.dumps([c.get("outputs", []) for c in cells])
+    assert "loading shards" not in shown and "it/s" not in shown
+    assert "without encryption" in (out / "notebooks" / ".00_bars.kernel.log").read_text()  # kept, not shown
