@@ -377,3 +377,19 @@ def test_progress_bars_stay_out_of_executed_chapters(tmp_path):
     shown = json.dumps([c.get("outputs", []) for c in cells])
     assert "loading shards" not in shown and "it/s" not in shown
     assert "without encryption" in (out / "notebooks" / ".00_bars.kernel.log").read_text()  # kept, not shown
+
+
+def test_stage_keeps_load_reports_out_of_the_chapter(monkeypatch, capsys):
+    import transformers
+
+    from autorule_lib.stage import _quiet_progress_bars
+
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
+    before = transformers.utils.logging.get_verbosity()
+    try:
+        _quiet_progress_bars()
+        transformers.utils.logging.get_logger("transformers.modeling_utils").warning("X LOAD REPORT score.weight MISSING")
+        assert "LOAD REPORT" not in capsys.readouterr().err
+        assert os.environ["TRANSFORMERS_VERBOSITY"] == "error"  # training subprocesses inherit it
+    finally:
+        transformers.utils.logging.set_verbosity(before)
