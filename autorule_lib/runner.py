@@ -235,17 +235,19 @@ def run_book(profile: Profile, only: list[str] | None = None, output_dir: str | 
     with RunLock(rdir) as lock:
         if lock.taken_over is not None:
             print(f"note: took over the lock of a run that is gone (pid {lock.taken_over.get('pid')})", flush=True)
-        return _run_locked(profile, stages, selected, rdir, records, force, progress, notebooks_dir)
+        return _run_locked(profile, stages, selected, rdir, force, progress, notebooks_dir)
 
 
-def _run_locked(profile, stages, selected, rdir, records, force, progress, notebooks_dir) -> dict:
+def _run_locked(profile, stages, selected, rdir, force, progress, notebooks_dir) -> dict:
     import papermill as pm
 
+    manifest_path = rdir / "manifest.json"  # read again under the lock: another run may just have ended
+    old = read_json(manifest_path) if manifest_path.exists() else {}
+    records = old.get("stages", {}) if old.get("profile_hash") == profile.hash() else {}
     for name, rec in records.items():  # left "running" by a run that died: it is no longer running
         if rec.get("status") == "running":
             rec.update(status="interrupted", error="the run ended without recording this chapter's result")
     frozen = dump_profile(profile, rdir / "profile.yaml")
-    manifest_path = rdir / "manifest.json"
     manifest = {
         "profile": profile.name, "profile_file": profile.source_file, "profile_hash": profile.hash(),
         "seed": profile.seed, "git_commit": git_commit(), "packages": package_versions(),
