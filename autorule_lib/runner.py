@@ -129,7 +129,9 @@ def _kernel_manager_class(log_path: Path):
             log = open(log_path, "ab")  # the kernel process holds its own copy of the descriptor
             kw["stdout"] = kw["stderr"] = log
             # progress bars (datasets, extraction, trainers) are for a person watching, not for the book
-            kw["env"] = {**(kw.get("env") or os.environ), "TQDM_DISABLE": "1"}
+            # (tqdm.auto's "IProgress not found" comes at import, before a chapter can filter it)
+            kw["env"] = {**(kw.get("env") or os.environ), "TQDM_DISABLE": "1",
+                         "PYTHONWARNINGS": "ignore:IProgress not found"}
             self._autorule_log = log
             return cmd, kw
 

@@ -370,12 +370,13 @@ def test_lock_of_another_host_is_refused_unless_it_is_this_requeued_slurm_job(tm
 def test_progress_bars_stay_out_of_executed_chapters(tmp_path):
     d = tmp_path / "nbs"
     d.mkdir()
-    make_nb(d / "00_bars.ipynb", "from tqdm.auto import tqdm\nfor _ in tqdm(range(3), desc='loading shards'):\n    pass")
+    make_nb(d / "00_bars.ipynb", "from tqdm.auto import tqdm\nfor _ in tqdm(range(3), desc='loading shards'):\n    pass\n"
+            "from autorule_lib.extraction import extract_rules")
     out = tmp_path / "run"
     run_book(load_profile("smoke"), output_dir=out, notebooks_dir=d, progress=False)
     cells = json.loads((out / "notebooks" / "00_bars.ipynb").read_text())["cells"]
     shown = json.dumps([c.get("outputs", []) for c in cells])
-    assert "loading shards" not in shown and "it/s" not in shown
+    assert "loading shards" not in shown and "it/s" not in shown and "IProgress" not in shown
     assert "without encryption" in (out / "notebooks" / ".00_bars.kernel.log").read_text()  # kept, not shown
 
 
@@ -393,3 +394,19 @@ def test_stage_keeps_load_reports_out_of_the_chapter(monkeypatch, capsys):
         assert os.environ["TRANSFORMERS_VERBOSITY"] == "error"  # training subprocesses inherit it
     finally:
         transformers.utils.logging.set_verbosity(before)
+
+
+def test_extraction_bar_obeys_the_runners_tqdm_disable(tmp_path, monkeypatch, capsys):
+    """Chapter 02 asks for a progress bar; under the runner (TQDM_DISABLE) the book does not get it."""
+    from autorule_lib.extraction import extract_rules
+
+    smoke = load_profile("smoke")
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    rows = [{"prompt": "p", "chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}],
+             "rejected": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "b"}],
+             "score_chosen": 2.0, "score_rejected": 1.0, "prompt_id": "x"}]
+    try:
+        extract_rules(smoke, "uf", rows, tmp_path / "out", split="rm_train")
+    except Exception:
+        pass  # replay has no recording for this row; only the bar matters here
+    assert "explain+extract" not in capsys.readouterr().err
