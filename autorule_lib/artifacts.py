@@ -22,6 +22,14 @@ class MissingArtifactError(FileNotFoundError):
     """An input from an earlier stage is absent; the message says which stage makes it."""
 
 
+class CorruptFileError(ValueError):
+    """A file the project wrote cannot be read back; the message names it and says what to do."""
+
+
+class WriteError(OSError):
+    """A write failed (disk full, permissions); the message names the file. Nothing half-written is left."""
+
+
 def package_versions(names=TRACKED_PACKAGES) -> dict[str, str]:
     out = {}
     for name in names:
@@ -82,13 +90,18 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write via a temporary file and rename, so a crash never leaves a half-written artifact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {e.strerror or e}") from e
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(f"cannot write {path}: {e.strerror or e}") from e
         raise
     return path
 
@@ -102,7 +115,12 @@ def read_json(path: str | Path, made_by: str | None = None) -> Any:
     if not path.exists():
         hint = f"; run stage {made_by} first (autorule run --only {made_by})" if made_by else ""
         raise MissingArtifactError(f"{path} not found{hint}")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        fix = (f"re-run stage {made_by} with --force (autorule run --only {made_by} --force)" if made_by
+               else "move it aside and re-run the stage that writes it")
+        raise CorruptFileError(f"{path} is corrupt ({e}); {fix}") from None
 
 
 def stage_dir(run_dir: str | Path, stage: str) -> Path:

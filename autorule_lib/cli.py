@@ -5,11 +5,15 @@ import argparse
 import json
 import sys
 
-from .artifacts import MissingArtifactError
+from .artifacts import CorruptFileError, MissingArtifactError, require
 from .config import ConfigError, load_profile, run_dir
 from .data import SchemaError
 
-USER_ERRORS = (ConfigError, SchemaError, MissingArtifactError, FileNotFoundError, KeyError, ValueError)
+USER_ERRORS = (ConfigError, SchemaError, MissingArtifactError, CorruptFileError, FileNotFoundError, KeyError,
+               ValueError)
+# clients that spend money (API calls) or GPU time: the profile they run under must be named, not defaulted
+SPENDING_LLMS = ("bedrock", "openai", "local")
+DEFAULT_PROFILE = "smoke"
 
 
 def _cmd_prepare_data(args) -> int:
@@ -29,14 +33,24 @@ def _cmd_prepare_data(args) -> int:
 def _cmd_extract_rules(args) -> int:
     from .extraction import ExtractionError, extract_rules_from_source, stage_table, with_overrides
 
-    profile = load_profile(args.profile)
+    if args.profile is None and args.llm in SPENDING_LLMS:
+        print(f"error: extract-rules --llm {args.llm} spends money or GPU time: name the settings to use with "
+              f"--profile (e.g. --profile paper)", file=sys.stderr)
+        return 2
+    profile = load_profile(args.profile or DEFAULT_PROFILE)
     cfg = with_overrides(profile.extraction, llm=args.llm, model=args.model, base_url=args.base_url,
                          num_proc=args.num_proc, uf_num_examples=args.uf_num_examples,
                          mt_num_examples_per_question=args.mt_num_examples_per_question)
-    source = args.source or (profile.data.ultrafeedback_source if args.dataset_type == "uf"
-                             else profile.data.mt_bench_source)
+    source, split = args.source, args.split
+    if source is None and cfg.llm == "replay":
+        # the recorded responses answer chapter 02's examples, which come from chapter 01's prepared sets
+        sets = "ultrafeedback" if args.dataset_type == "uf" else "mt_bench"
+        source = str(require(run_dir(profile) / "artifacts" / "01_data_preparation" / sets / "sets", "01"))
+        split = split or ("rm_train" if args.dataset_type == "uf" else "mt_train")
+    elif source is None:
+        source = profile.data.ultrafeedback_source if args.dataset_type == "uf" else profile.data.mt_bench_source
     try:
-        result = extract_rules_from_source(profile, args.dataset_type, source, args.output_dir, split=args.split,
+        result = extract_rules_from_source(profile, args.dataset_type, source, args.output_dir, split=split,
                                            cfg=cfg, cache_path=args.cache)
     except ExtractionError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -49,15 +63,24 @@ def _cmd_extract_rules(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from .runner import StageFailed, run_book
+    from .run_lock import RunLocked
+    from .runner import PrerequisitesMissing, RunDirError, RunInterrupted, StageFailed, run_book
 
     profile = load_profile(args.profile)
     only = [x for item in (args.only or []) for x in item.split(",") if x]
     try:
-        manifest = run_book(profile, only=only, output_dir=args.output_dir, force=args.force)
+        # papermill's per-cell bar helps at a terminal; in a log file or a SLURM log it is noise
+        manifest = run_book(profile, only=only, output_dir=args.output_dir, force=args.force,
+                            progress=sys.stderr.isatty())
     except StageFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except RunInterrupted as e:
+        print(str(e), file=sys.stderr)
+        return 130
+    except (RunDirError, RunLocked, PrerequisitesMissing) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"run finished: {run_dir(profile, args.output_dir)} ({len(manifest['stages'])} stage(s) recorded)")
     return 0
 
@@ -66,7 +89,7 @@ def _cmd_book(args) -> int:
     from .book import build_book
 
     profile = load_profile(args.profile)
-    index = build_book(run_dir(profile, args.output_dir))
+    index = build_book(run_dir(profile, args.output_dir), profile=profile)
     print(f"book built: {index}")
     return 0
 
@@ -105,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autorule", description="AutoRule Book: run the reproduction stage by stage.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("prepare-data", help="Prepare UltraFeedback or MT-Bench data (METHOD.md §1).")
+    d = sub.add_parser("prepare-data", help="Prepare UltraFeedback or MT-Bench data (the method, book/method.md §1).")
     d.add_argument("--dataset", required=True, choices=["ultrafeedback", "mt_bench"])
     d.add_argument("--source", required=True, help="Hub id, save_to_disk folder, or folder of <split>.jsonl/.parquet")
     d.add_argument("--output-dir", "--output_dir", required=True)
@@ -115,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--skip-bad-rows", "--skip_bad_rows", action="store_true", help="skip and count malformed rows")
     d.set_defaults(func=_cmd_prepare_data)
 
-    e = sub.add_parser("extract-rules", help="Explain, extract and merge rules with a reasoning model (METHOD.md §2).")
+    e = sub.add_parser("extract-rules", help="Explain, extract and merge rules with a reasoning model "
+                       "(the method, book/method.md §2).")
     e.add_argument("--dataset_type", "--dataset-type", required=True, choices=["uf", "mt"])
     e.add_argument("--output_dir", "--output-dir", required=True)
     e.add_argument("--uf_num_examples", "--uf-num-examples", type=int, help="UF pairs to explain (paper: 256)")
@@ -126,10 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--base-url", "--base_url", help="OpenAI-compatible server URL (--llm openai)")
     e.add_argument("--model", help="model id for the chosen client")
     e.add_argument("--source", help="Hub id, save_to_disk folder, or folder of <split>.jsonl/.parquet "
-                   "(default: the profile's; train_prefs is read for uf, human for mt)")
+                   "(default: the profile's; train_prefs is read for uf, human for mt; with the replay client "
+                   "chapter 01's prepared sets, split rm_train / mt_train, as chapter 02 uses)")
     e.add_argument("--split", help="read this split instead (e.g. rm_train of prepared sets)")
     e.add_argument("--cache", help="response cache file (default: <output_dir>/llm_cache.sqlite)")
-    e.add_argument("--profile", default="smoke", help="profile name or YAML file (default: smoke)")
+    e.add_argument("--profile", help="profile name or YAML file (default: smoke; required with --llm "
+                   f"{'/'.join(SPENDING_LLMS)}, which spend money or GPU time)")
     e.set_defaults(func=_cmd_extract_rules)
 
     r = sub.add_parser("run", help="Execute the book's notebooks in order with papermill.")
@@ -186,6 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions, a file where a folder should be: one line naming the path
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

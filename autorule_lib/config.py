@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -280,7 +281,7 @@ class EvaluationConfig:
 
 @dataclass
 class Profile:
-    name: str = _f("custom", "Profile name; runs go to <runs_dir>/<name>.")
+    name: str = _f("custom", "Profile name (default: the file name; not inherited); runs go to <runs_dir>/<name>.")
     description: str = _f("", "One line shown in the book.")
     seed: int = _f(42, "Global seed.")
     device: Literal["cpu", "cuda", "auto"] = _f("auto", "Where models run.")
@@ -336,6 +337,7 @@ class Profile:
         """Content hash of the resolved settings (not of the file's layout or comments)."""
         d = self.to_dict()
         d.pop("source_file", None)
+        d.pop("name", None)  # names the run directory; the same settings under two names compute the same
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -478,6 +480,7 @@ def load_profile(name_or_file: str | Path) -> Profile:
     path = profile_path(name_or_file)
     data = _read_yaml(path)
     data.pop("source_file", None)
+    data["name"] = _own_name(path)  # never the parent's: a run directory belongs to one profile
     profile = _build(Profile, data, "")
     _check_sources_exist(profile)
     for name in profile.grpo_variants:  # validate every named run now, not mid-training
@@ -506,3 +509,13 @@ def run_dir(profile: Profile, output_dir: str | Path | None = None) -> Path:
         return Path(output_dir).expanduser().resolve()
     base = Path(profile.runs_dir).expanduser()
     return (base if base.is_absolute() else PROJECT_ROOT / base).resolve() / profile.name
+
+
+def _own_name(path: Path) -> str:
+    """The profile's name: its file's own ``name`` key, else the file name. Never inherited through
+    ``extends``, so a small profile on top of ``smoke`` does not write into the smoke run."""
+    own = (yaml.safe_load(path.read_text()) or {}).get("name")
+    name = str(own) if own is not None else path.stem
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ConfigError(f"{path}: name: {name!r} is not a plain folder name (letters, digits, '.', '_', '-')")
+    return name

@@ -20,7 +20,7 @@ TRAIN_MFU = 0.35                 # fraction of peak a ZeRO-3 trainer reaches on 
 DECODE_TOKENS_PER_S_8B = 2500.0  # vLLM, one GPU, large batch, 8B model; scales ~1/params (memory bound)
 PREFILL_TOKENS_PER_S_8B = 10000.0  # vLLM prompt processing, one GPU, 8B; prefix-cache hits make it cheaper
 HF_GENERATE_SLOWDOWN = 5.0       # transformers' generate (no paged attention / continuous batching) vs vLLM
-# --- data (UltraFeedback after the <512-token filter; METHOD.md §4 says ~33k train_prefs prompts)
+# --- data (UltraFeedback after the <512-token filter; the method, book/method.md §4, says ~33k train_prefs prompts)
 FILTERED_ROWS = 33_000
 MEAN_PROMPT_TOKENS = 150
 MEAN_RESPONSE_TOKENS = 250
@@ -30,7 +30,7 @@ VERIFIER_PARITY_OUTPUT_TOKENS = 64  # mean greedy answer before [[Yes]]/[[No]] (
 MT_QUESTIONS = {"intended": 40, "original": 8}   # extraction questions of each MT-Bench split
 ALPACA_EVAL_PROMPTS = 805
 PAPER_RULES = {"uf": 25, "mt": 20}
-PAPER_GRPO_GPU_HOURS = "192-384 (24-48 h on 8 GPUs per run, METHOD.md §4 and the paper)"
+PAPER_GRPO_GPU_HOURS = "192-384 (24-48 h on 8 GPUs per run; book/method.md §4 and the paper)"
 
 ASSUMPTIONS = [
     f"GPU: {GPU_BF16_TFLOPS:g} dense bf16 TFLOP/s, training at {TRAIN_MFU:.0%} MFU (6 x params FLOPs per token "

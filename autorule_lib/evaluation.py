@@ -189,7 +189,7 @@ def check_alpaca_eval_can_run(annotators_config: str) -> None:
 
     problems = []
     if importlib.util.find_spec("vllm") is None:
-        problems.append("the seed's config generates with vLLM, which is not installed (the 'gpu' extra)")
+        problems.append("the authors' AlpacaEval config generates with vLLM, which is not installed (the 'gpu' extra)")
     if "gpt" in annotators_config and not os.environ.get("OPENAI_API_KEY"):
         problems.append(f"the annotator {annotators_config!r} needs OPENAI_API_KEY in the environment")
     if problems:

@@ -322,6 +322,8 @@ def run_extraction(examples: list[Example], client: LLMClient, output_dir: str |
                    templates: dict[str, PromptTemplate] | None = None, sample_info: dict | None = None,
                    progress: bool = True) -> ExtractionResult:
     """The three stages over ``examples``; writes every output file, raises ExtractionError without a rule set."""
+    import os
+
     from tqdm import tqdm
 
     cfg = cfg or profile.extraction
@@ -336,7 +338,7 @@ def run_extraction(examples: list[Example], client: LLMClient, output_dir: str |
         futures = {pool.submit(process_example, ex, caller, cfg.extract_from, si): i
                    for i, (ex, si) in enumerate(zip(examples, indices))}
         for fut in tqdm(as_completed(futures), total=len(futures), desc=f"{dataset}: explain+extract",
-                        disable=not progress):
+                        disable=not progress or bool(os.environ.get("TQDM_DISABLE"))):  # the runner's kernels
             records[futures[fut]] = fut.result()
     demonstration = client.provider == "replay"
     for rec in records:

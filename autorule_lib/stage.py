@@ -53,11 +53,15 @@ def _quiet_progress_bars() -> None:
     warnings.filterwarnings("ignore", category=TqdmExperimentalWarning)
     # deprecations raised inside transformers/TRL by their own calls: nothing a reader can act on
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl)\.")
+    # transformers' load reports ("score.weight | MISSING" for a new head) and deprecation notices about its
+    # own calls: on a reader's page they read as faults; errors still show (training subprocesses inherit)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         import datasets
         import transformers
 
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
     except ImportError:
         pass

@@ -9,8 +9,8 @@ import pytest
 
 from autorule_lib import alpaca
 
-SEED = Path(__file__).resolve().parents[2] / "shared" / "SEED_EVAL.md"
-# SEED_EVAL.md §2, restored layout (kept here so the test runs where the seed document is absent).
+SEED = Path(__file__).resolve().parents[1] / "fixtures" / "authors_readme" / "evaluation_texts.md"
+# fixtures/authors_readme/evaluation_texts.md §2, restored layout.
 SEED_CONFIG = '''[model-name]:
   prompt_template: "[model-name]/prompt.txt"
   fn_completions: "vllm_local_completions"
@@ -28,10 +28,9 @@ SEED_CONFIG = '''[model-name]:
 def test_template_is_the_seed_text():
     assert alpaca.CONFIG_TEMPLATE == SEED_CONFIG
     assert alpaca.PROMPT_TXT == "<|user|>{instruction}<|assistant|>"
-    if SEED.exists():
-        block = re.search(r"## 2\..*?```yaml\n(.*?)```", SEED.read_text(), re.S).group(1)
-        assert alpaca.CONFIG_TEMPLATE == block
-        assert "`prompt.txt` holds the single line `<|user|>{instruction}<|assistant|>`" in SEED.read_text()
+    block = re.search(r"## 2\..*?```yaml\n(.*?)```", SEED.read_text(), re.S).group(1)
+    assert alpaca.CONFIG_TEMPLATE == block
+    assert "`prompt.txt` holds the single line `<|user|>{instruction}<|assistant|>`" in SEED.read_text()
 
 
 def test_written_files_match_the_seed_and_alpaca_eval_reads_them(tmp_path):

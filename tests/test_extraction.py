@@ -223,7 +223,7 @@ def test_cli_exit_status(tmp_path, capsys):
     with LoopbackChatServer(extraction_responder(), max_requests=50) as srv:
         code = cli.main(["extract-rules", "--dataset_type", "uf", "--source", str(src), "--output-dir",
                          str(tmp_path / "ok"), "--llm", "openai", "--base-url", srv.url, "--model", "m",
-                         "--uf-num-examples", "3", "--num_proc", "2"])
+                         "--uf-num-examples", "3", "--num_proc", "2", "--profile", "smoke"])
     assert code == 0 and json.loads((tmp_path / "ok" / "merged_rules.json").read_text())
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
@@ -268,7 +268,7 @@ def test_sigkill_midway_then_rerun_loses_nothing_and_repeats_no_finished_call(tm
     with LoopbackChatServer(extraction_responder(), latency_s=0.15, max_requests=200, lifetime_s=120) as srv:
         cmd = [sys.executable, "-m", "autorule_lib.cli", "extract-rules", "--dataset_type", "uf", "--source",
                str(src), "--output_dir", str(out), "--llm", "openai", "--base-url", srv.url, "--model", "m",
-               "--uf_num_examples", str(n), "--num_proc", "2"]
+               "--uf_num_examples", str(n), "--num_proc", "2", "--profile", "smoke"]
         env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 60

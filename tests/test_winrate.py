@@ -9,7 +9,7 @@ from autorule_lib.judge import JudgeReply, JudgeSpec
 from autorule_lib.winrate import (ADMISSIBLE_RANKINGS, RANKING_PROMPT, bootstrap_ci, judge_pairs, parse_ranking,
                                   ranking_prompt, summarize, uf_win_rate)
 
-SEED = Path(__file__).resolve().parents[2] / "shared" / "SEED_EVAL.md"
+SEED = Path(__file__).resolve().parents[1] / "fixtures" / "authors_readme" / "evaluation_texts.md"
 
 
 def test_prompt_is_the_seed_text():
