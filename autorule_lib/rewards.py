@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 from .artifacts import read_json
 from .config import GRPOStageConfig, Profile, RewardConfig
 from .text_format import ASSISTANT, USER, policy_text, verifier_conversation
-from .verifier import RuleVerifier, Verdict
+from .verifier import NO_VERDICT, RuleVerifier, Verdict, reason_kind
 
 Scorer = Callable[[list[str]], Sequence[float]]  # full policy texts -> raw RM scores
 
@@ -94,7 +94,8 @@ class RuleReward:
     """The AutoRule rule reward: judge each completion under every rule, reward the satisfied fraction.
 
     Logs per step: ``rules/<i>_satisfied`` (rate among scored verdicts of rule i), ``rules/satisfied_fraction``,
-    ``verifier/unscored_checks``, ``verifier/unscored_responses`` (fractions of the batch).
+    ``verifier/unscored_checks``, ``verifier/unscored_responses`` (fractions of the batch) and
+    ``verifier/no_verdict`` (fraction of checks whose answer held no verdict and counted as 0, the original's rule).
     """
 
     __name__ = "rule_reward"  # TRL logs rewards/<__name__>/mean
@@ -132,23 +133,43 @@ class RuleReward:
         checks = sum(len(row) for row in verdicts)
         m["verifier/unscored_checks"] = (checks - len(all_scored)) / max(1, checks)
         m["verifier/unscored_responses"] = sum(r is None for r in rewards) / max(1, len(rewards))
+        m["verifier/no_verdict"] = sum(v.value == 0 and reason_kind(v.reason) == NO_VERDICT
+                                       for row in verdicts for v in row) / max(1, checks)
         return m
 
 
 class RMReward:
     """z-normalised reward-model score with frozen μ, σ. With ``skip_with`` (a RuleReward run earlier
-    in the same step), returns None where that rule reward was None, so the completion is dropped."""
+    in the same step), returns None where that rule reward was None, so the completion is dropped.
+
+    The RM reads what the policy generated: a completion that ended with EOS is scored in the RM's
+    training format (``<|user|>p<|assistant|>r <eos>``), one cut at the length limit (its
+    ``completion_ids`` do not end with ``eos_token_id``) at its last generated token — the original
+    appends no EOS the policy never produced. Called without ``completion_ids`` (by hand), every
+    completion counts as finished.
+    """
 
     __name__ = "rm_reward"
 
-    def __init__(self, scorer: Scorer, mean: float, std: float, eos_token: str, skip_with: RuleReward | None = None):
+    def __init__(self, scorer: Scorer, mean: float, std: float, eos_token: str, skip_with: RuleReward | None = None,
+                 eos_token_id: int | None = None):
         self.scorer, self.mean, self.std, self.eos, self.skip_with = scorer, mean, std, eos_token, skip_with
+        self.eos_id = eos_token_id
         self.last_metrics: dict[str, float] = {}
 
-    def __call__(self, prompts, completions, log_metric=None, **kwargs) -> list[float | None]:
-        # The RM's training format: <|user|>p<|assistant|>r <eos>, whatever trailing space/EOS the completion had.
-        texts = [policy_text(_prompt_text(p), _completion_text(c).removesuffix(self.eos).rstrip(), self.eos)
-                 for p, c in zip(prompts, completions)]
+    def texts(self, prompts, completions, completion_ids=None) -> list[str]:
+        finished = ([bool(ids) and ids[-1] == self.eos_id for ids in completion_ids]
+                    if completion_ids is not None and self.eos_id is not None else [True] * len(completions))
+        out = []
+        for p, c, done in zip(prompts, completions, finished):
+            c = _completion_text(c)
+            # finished: the RM's training format, whatever trailing space/EOS the text had; cut: as generated
+            out.append(policy_text(_prompt_text(p), c.removesuffix(self.eos).rstrip(), self.eos) if done
+                       else USER + _prompt_text(p) + ASSISTANT + c)
+        return out
+
+    def __call__(self, prompts, completions, completion_ids=None, log_metric=None, **kwargs) -> list[float | None]:
+        texts = self.texts(prompts, completions, completion_ids)
         raw = [float(s) for s in self.scorer(texts)]
         rewards: list[float | None] = [(s - self.mean) / self.std for s in raw]
         if self.skip_with is not None:
@@ -219,9 +240,10 @@ def build_reward_funcs(profile: Profile, variant: GRPOStageConfig, run_dir: str 
         if verifier is None or not rules:
             raise ValueError("the autorule reward needs a verifier and a non-empty rule set")
         rule = RuleReward(verifier, rules, cfg, eos)
-        rm = RMReward(rm_scorer, mean, std, eos, skip_with=rule if cfg.unscored_response == "drop" else None)
+        rm = RMReward(rm_scorer, mean, std, eos, skip_with=rule if cfg.unscored_response == "drop" else None,
+                      eos_token_id=getattr(tokenizer, "eos_token_id", None))
         return [rule, rm], [cfg.rule_weight, cfg.rm_weight]
-    rm = RMReward(rm_scorer, mean, std, eos)
+    rm = RMReward(rm_scorer, mean, std, eos, eos_token_id=getattr(tokenizer, "eos_token_id", None))
     if variant.reward == "rm":
         return [rm], [cfg.rm_weight]
     if variant.reward == "rm_length_penalty":

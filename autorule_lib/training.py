@@ -64,7 +64,7 @@ def accumulation_steps(global_batch: int, per_device: int, key: str) -> int:
 
 
 def common_args(profile: Profile, out_dir: Path, *, learning_rate: float, warmup_ratio: float, max_grad_norm: float,
-                max_steps: int, save_steps: int, gradient_checkpointing: bool, betas=(0.9, 0.999)) -> dict:
+                max_steps: int, save_steps: int, gradient_checkpointing: bool, betas: tuple[float, float]) -> dict:
     """TrainingArguments shared by every stage; CPU switches only when the profile runs on CPU."""
     check_logging(profile)
     cpu = device_kind(profile) == "cpu"
@@ -240,7 +240,7 @@ def train_reward_model(profile: Profile, rows: list[dict], eval_rows: list[dict]
     args = RewardConfig(
         **common_args(profile, out_dir, learning_rate=cfg.learning_rate, warmup_ratio=cfg.warmup_ratio,
                       max_grad_norm=cfg.max_grad_norm, max_steps=cfg.max_steps, save_steps=cfg.save_steps,
-                      gradient_checkpointing=cfg.gradient_checkpointing),
+                      gradient_checkpointing=cfg.gradient_checkpointing, betas=(cfg.adam_beta1, cfg.adam_beta2)),
         num_train_epochs=cfg.num_train_epochs, per_device_train_batch_size=cfg.per_device_batch_size,
         per_device_eval_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=accumulation_steps(cfg.global_batch_size, cfg.per_device_batch_size,
@@ -295,7 +295,8 @@ def rm_normalization(scorer: RewardModelScorer, pairs: list[dict]) -> dict:
     scores = (scorer.score(prompts, [r["chosen_content"] for r in pairs])
               + scorer.score(prompts, [r["rejected_content"] for r in pairs]))
     n = len(pairs)
-    return {"mean": statistics.fmean(scores), "std": statistics.pstdev(scores) or 1.0, "n_texts": 2 * n,
+    # σ: the unbiased (n−1) estimator, as the original's torch.std
+    return {"mean": statistics.fmean(scores), "std": statistics.stdev(scores) or 1.0, "n_texts": 2 * n,
             "pair_accuracy": sum(c > r for c, r in zip(scores[:n], scores[n:])) / n if n else None}
 
 
@@ -377,8 +378,45 @@ def train_grpo(profile: Profile, variant_name: str, prompts: list[dict], sft_mod
 
 # ---------------------------------------------------------------- PPO
 
+def ppo_batch_args(cfg, world: int) -> dict:
+    """PPOConfig batch fields giving the original's ``prompts_per_rollout / train_batch_size`` optimizer
+    updates of ``train_batch_size`` per rollout (8 of 128 per 1024 prompts).
+
+    trl 1.12's loop generates ``per_device_train_batch_size x gradient_accumulation_steps`` prompts per
+    rank, splits them into ``num_mini_batches`` and those into micro-batches of
+    ``per_device_train_batch_size``, but its Accelerator steps the optimizer once per
+    ``gradient_accumulation_steps`` micro-batches counted over the whole rollout — with accumulation > 1
+    a rollout gets one update, whatever ``num_mini_batches`` says. So accumulation is 1, the per-device
+    batch is the whole local rollout, and each mini-batch (``train_batch_size / world`` sequences per
+    rank) is one micro-batch and one update. Generation and the rollout forward passes run in chunks
+    of ``per_device_batch_size`` (``local_rollout_forward_batch_size``).
+    """
+    if cfg.prompts_per_rollout % cfg.train_batch_size:
+        raise ConfigError("ppo: prompts_per_rollout must be a multiple of train_batch_size")
+    if cfg.train_batch_size % world:
+        raise ConfigError(f"ppo: train_batch_size {cfg.train_batch_size} is not a multiple of the {world} processes")
+    local_rollout = cfg.prompts_per_rollout // world
+    return dict(per_device_train_batch_size=local_rollout, gradient_accumulation_steps=1,
+                num_mini_batches=cfg.prompts_per_rollout // cfg.train_batch_size,
+                local_rollout_forward_batch_size=min(cfg.per_device_batch_size, local_rollout))
+
+
+def normalize_score_head(reward_model, mean: float, std: float) -> None:
+    """Make the RM return ``(score − μ) / σ``: its linear score head is rescaled in place (exactly; no
+    wrapper, so TRL's ``get_reward`` reads it as usual)."""
+    import torch
+
+    head = reward_model.score
+    with torch.no_grad():
+        head.weight.div_(std)
+        if head.bias is None:
+            head.bias = torch.nn.Parameter(torch.zeros(head.out_features, dtype=head.weight.dtype,
+                                                       device=head.weight.device), requires_grad=False)
+        head.bias.copy_((head.bias - mean) / std)
+
+
 def train_ppo(profile: Profile, prompts: list[dict], sft_model: str, rm_model: str, out_dir: Path,
-              force: bool = False) -> Path:
+              force: bool = False, rm_normalizer: tuple[float, float] | None = None) -> Path:
     """PPO baseline with TRL's experimental PPOTrainer (trl 1.12). It has one optimizer for actor and critic,
     so the critic's separate LR cannot be expressed: the actor LR is used for both (the chapter says so).
     Its custom loop does not resume mid-run: an interrupted PPO run starts again."""
@@ -401,16 +439,11 @@ def train_ppo(profile: Profile, prompts: list[dict], sft_model: str, rm_model: s
     tok = load_rm_tokenizer(sft_model, profile.reward_model.pad_token)  # pad != eos: rewards read at EOS
     tok.padding_side = "left"
     ids = [tok(policy_prompt(r["prompt"]), add_special_tokens=False)["input_ids"] for r in prompts]
-    mini_batches = cfg.prompts_per_rollout // cfg.train_batch_size
-    if cfg.prompts_per_rollout % cfg.train_batch_size:
-        raise ConfigError("ppo: prompts_per_rollout must be a multiple of train_batch_size")
-    local_rollout = cfg.prompts_per_rollout // world_size()
     args = PPOConfig(
         **common_args(profile, out_dir, learning_rate=cfg.actor_learning_rate, warmup_ratio=cfg.critic_warmup_ratio,
-                      max_grad_norm=cfg.max_grad_norm, max_steps=-1, save_steps=10**9, gradient_checkpointing=False),
-        per_device_train_batch_size=min(cfg.per_device_batch_size, local_rollout),
-        gradient_accumulation_steps=max(1, local_rollout // min(cfg.per_device_batch_size, local_rollout)),
-        num_mini_batches=mini_batches, num_ppo_epochs=1, response_length=cfg.max_completion_length,
+                      max_grad_norm=cfg.max_grad_norm, max_steps=-1, save_steps=10**9, gradient_checkpointing=False,
+                      betas=(cfg.adam_beta1, cfg.adam_beta2)),
+        **ppo_batch_args(cfg, world_size()), num_ppo_epochs=1, response_length=cfg.max_completion_length,
         temperature=cfg.temperature, kl_coef=cfg.kl_coef, kl_estimator="k1", gamma=cfg.gamma, lam=cfg.gae_lambda,
         stop_token="eos", num_sample_generations=0,
         total_episodes=(cfg.max_steps * cfg.prompts_per_rollout if cfg.max_steps > 0
@@ -421,6 +454,11 @@ def train_ppo(profile: Profile, prompts: list[dict], sft_model: str, rm_model: s
     value, reward = (load(AutoModelForSequenceClassification, rm_model, num_labels=1) for _ in range(2))
     for m in (value, reward):
         m.config.pad_token_id = tok.pad_token_id
+    if cfg.normalize_reward:  # the original's --normalize_reward: z-score with the RM's μ/σ before the KL term
+        from .rewards import load_rm_normalizer
+
+        normalize_score_head(reward, *(rm_normalizer or load_rm_normalizer(Path(rm_model).parent /
+                                                                           "rm_normalization.json")))
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                          value_model=value, train_dataset=Dataset.from_dict({"input_ids": ids}))
     start(trainer, None)  # TRL's PPO loop takes no checkpoint: an interrupted run restarts

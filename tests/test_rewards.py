@@ -82,6 +82,22 @@ def test_rule_reward_callable_follows_trl_conventions():
     assert logged["verifier/unscored_responses"] == pytest.approx(1 / 4)
 
 
+def test_no_verdict_answers_count_as_zero_and_are_logged_per_step():
+    """The original's rule: an answer without [[Yes]] is 0. The response keeps its reward (its group-mate
+    keeps its learning signal) and the step logs how often it happened."""
+    from autorule_lib.verifier import parse_verdict
+
+    class NoVerdictOnce:
+        def judge(self, conversations, rules):
+            return [[parse_verdict("[[Yes]]"), parse_verdict("I think it is fine.")] for _ in conversations]
+
+    logged = {}
+    out = RuleReward(NoVerdictOnce(), ["r0", "r1"], RewardConfig())(
+        prompts=["Q", "Q"], completions=["a", "b"], log_metric=lambda k, v: logged.setdefault(k, v))
+    assert out == [pytest.approx(-2.5), pytest.approx(-2.5)]  # (1/2 - 0.75) * 10, not None
+    assert logged["verifier/no_verdict"] == pytest.approx(0.5) and logged["verifier/unscored_responses"] == 0.0
+
+
 def test_rm_reward_z_normalises_with_the_frozen_stats(tmp_path):
     path = tmp_path / "rm_normalization.json"
     path.write_text(json.dumps({"mean": 2.0, "std": 4.0, "n_texts": 10}))
@@ -94,6 +110,15 @@ def test_rm_reward_z_normalises_with_the_frozen_stats(tmp_path):
     path.write_text(json.dumps({"mean": 0.0, "std": 0.0}))
     with pytest.raises(ValueError, match="positive std"):
         load_rm_normalizer(path)
+
+
+def test_rm_reads_a_truncated_completion_at_its_last_generated_token():
+    """TRL's completion_ids keep the EOS the policy generated; one cut at the length limit has none, and
+    the original scores it as generated (no EOS appended that the policy never produced)."""
+    seen = []
+    rm = RMReward(lambda texts: seen.extend(texts) or [0.0] * len(texts), 0.0, 1.0, "<eos>", eos_token_id=2)
+    rm(["<|user|>Q<|assistant|>", "Q2"], ["A ", "B was cut mid"], completion_ids=[[7, 8, 2], [9, 10, 11]])
+    assert seen == ["<|user|>Q<|assistant|>A <eos>", "<|user|>Q2<|assistant|>B was cut mid"]
 
 
 @pytest.mark.parametrize("policy,expected", [("drop", [1.0, None]), ("rm_only", [1.0, 1.0])])

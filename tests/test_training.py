@@ -135,10 +135,12 @@ def test_grpo_kl_switch_and_loss_mapping(tmp_path):
     assert T.grpo_args(p, p.grpo_variant("length_control"), tmp_path)["learning_rate"] == 3e-7
 
 
-def test_rm_normalization_is_population_mean_and_std_over_chosen_and_rejected():
+def test_rm_normalization_is_mean_and_unbiased_std_over_chosen_and_rejected():
     class Fixed:
         def score(self, prompts, responses):
             return [{"c": 1.0, "r": 3.0}[x] for x in responses]
 
     stats = T.rm_normalization(Fixed(), [{"prompt": "p", "chosen_content": "c", "rejected_content": "r"}])
-    assert stats["mean"] == 2.0 and stats["std"] == 1.0 and stats["n_texts"] == 2 and stats["pair_accuracy"] == 0.0
+    # scores {1, 3}: unbiased std sqrt(2) as the original's torch.std (the population std would be 1)
+    assert stats["mean"] == 2.0 and stats["std"] == pytest.approx(2 ** 0.5) and stats["n_texts"] == 2
+    assert stats["pair_accuracy"] == 0.0
