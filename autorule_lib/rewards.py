@@ -229,9 +229,10 @@ def build_reward_funcs(profile: Profile, variant: GRPOStageConfig, run_dir: str 
         raise ValueError("build_reward_funcs needs rm_scorer, rm_normalizer and tokenizer, or a run_dir to load them")
     mean, std = rm_normalizer
     eos = tokenizer.eos_token
+    rule_info = None
     if variant.reward == "autorule":
-        if run_dir is not None and rules is None:
-            rules = load_rules(Path(run_dir), variant.rule_set)
+        if rules is None and (run_dir is not None or variant.rule_set_file):
+            rules, rule_info = rules_for_variant(profile, variant, run_dir)
         if run_dir is not None and verifier is None:
             from .verifier import build_verifier
 
@@ -240,6 +241,7 @@ def build_reward_funcs(profile: Profile, variant: GRPOStageConfig, run_dir: str 
         if verifier is None or not rules:
             raise ValueError("the autorule reward needs a verifier and a non-empty rule set")
         rule = RuleReward(verifier, rules, cfg, eos)
+        rule.rule_set = rule_info or rule_set_info(rules, "given")  # provenance: which rules this run used
         rm = RMReward(rm_scorer, mean, std, eos, skip_with=rule if cfg.unscored_response == "drop" else None,
                       eos_token_id=getattr(tokenizer, "eos_token_id", None))
         return [rule, rm], [cfg.rule_weight, cfg.rm_weight]
@@ -249,6 +251,53 @@ def build_reward_funcs(profile: Profile, variant: GRPOStageConfig, run_dir: str 
     if variant.reward == "rm_length_penalty":
         return [rm, LengthPenalty(cfg, tokenizer)], [cfg.rm_weight, 1.0]
     raise ValueError(f"unknown GRPO reward {variant.reward!r}")
+
+
+def rule_set_info(rules: Sequence[str], source: str) -> dict:
+    """What a run's provenance records about its rule set: where it came from, its size and hash."""
+    digest = hashlib.sha256(json.dumps(list(rules), ensure_ascii=False).encode()).hexdigest()
+    return {"source": source, "n_rules": len(rules), "sha256": digest}
+
+
+def read_rule_file(path: Path) -> list[str]:
+    """A user-supplied rule set: a JSON list of non-empty rule strings."""
+    try:
+        rules = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read a JSON list of rules: {e}") from None
+    if not isinstance(rules, list) or not rules or not all(isinstance(r, str) and r.strip() for r in rules):
+        raise ValueError(f"{path}: expected a non-empty JSON list of rule strings")
+    return rules
+
+
+def rules_for_variant(profile: Profile, variant: GRPOStageConfig, run_dir: str | Path | None) -> tuple[list[str], dict]:
+    """(rules, provenance) of one GRPO run: its ``rule_set_file`` if given, else stage 02's ``rule_set``."""
+    from .config import resolve_local_path
+
+    if variant.rule_set_file:
+        path = resolve_local_path(profile, variant.rule_set_file)
+        rules = read_rule_file(path)
+        return rules, {**rule_set_info(rules, f"file:{path}"), "file_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    if run_dir is None:
+        raise ValueError("the autorule reward needs a run_dir (stage 02's rule set) or grpo.rule_set_file")
+    rules = load_rules(Path(run_dir), variant.rule_set)
+    return rules, rule_set_info(rules, f"stage 02 '{variant.rule_set}' (merged_rules.json)")
+
+
+def rule_set_table(profile: Profile, run_dir: str | Path | None = None) -> list[dict]:
+    """Per named GRPO run: its reward and which rule set it uses (chapter 06 shows this)."""
+    rows = []
+    for name in profile.grpo_run_names():
+        v = profile.grpo_variant(name)
+        row = {"run": name, "reward": v.reward, "rule set": "—", "rules": None, "sha256": None}
+        if v.reward == "autorule":
+            try:
+                _, info = rules_for_variant(profile, v, run_dir)
+                row.update({"rule set": info["source"], "rules": info["n_rules"], "sha256": info["sha256"][:16]})
+            except (OSError, ValueError) as e:
+                row["rule set"] = f"not available: {e}"
+        rows.append(row)
+    return rows
 
 
 def load_rules(run_dir: Path, rule_set: str | None) -> list[str]:

@@ -26,6 +26,9 @@ TRL_DEVIATIONS = [
     ("GRPO rollout batch", "1024 prompts x 2 samples, 16 updates of 128",
      "generation_batch_size=2048, per-device batch x accumulation x processes = 128"),
     ("PPO critic LR", "actor 3e-7, critic 5e-6", "one optimizer: actor LR for both"),
+    ("PPO updates per rollout", "1024 prompts, 8 updates of 128 (micro-batches with gradient accumulation)",
+     "8 updates of 128; TRL 1.12 steps once per accumulation cycle of the whole rollout, so accumulation is 1 "
+     "and each update's 128 / processes sequences per rank form one micro-batch (loss averaged over it)"),
     ("PPO top-p", "0.9", "1.0 (TRL's PPOTrainer fixes top_p=1.0)"),
     ("PPO resume", "-", "TRL's PPO loop cannot resume mid-run; an interrupted run restarts"),
     ("BOS", "no BOS in the policy format", "we tokenise ourselves; GRPO prompts without BOS (subclass)"),
@@ -361,7 +364,8 @@ def train_grpo(profile: Profile, variant_name: str, prompts: list[dict], sft_mod
     variant = profile.grpo_variant(variant_name)
     final = out_dir / "final"
     names = [getattr(f, "__name__", type(f).__name__) for f in reward_funcs]
-    settings = settings_hash(variant, sft_model, profile.hash(), names, reward_weights)
+    rule_sets = [f.rule_set for f in reward_funcs if getattr(f, "rule_set", None)]  # which rules (file or stage 02)
+    settings = settings_hash(variant, sft_model, profile.hash(), names, reward_weights, *rule_sets)
     if not prepare_output(out_dir, settings, force):
         return final
     tok = load_tokenizer(sft_model)
@@ -373,7 +377,8 @@ def train_grpo(profile: Profile, variant_name: str, prompts: list[dict], sft_mod
                                      processing_class=tok, callbacks=callbacks)
     start(trainer, out_dir)
     return finish(trainer, profile, f"grpo/{variant_name}", out_dir, final, settings, sft_model=sft_model,
-                  variant=dataclasses.asdict(variant), reward_funcs=names, reward_weights=reward_weights)
+                  variant=dataclasses.asdict(variant), reward_funcs=names, reward_weights=reward_weights,
+                  rule_set=rule_sets[0] if rule_sets else None)
 
 
 # ---------------------------------------------------------------- PPO
