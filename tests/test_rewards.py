@@ -210,3 +210,25 @@ def test_two_grpo_steps_with_the_autorule_reward(models_dir, tmp_path):
                 "verifier/unscored_checks", "rm/raw_score_mean"} <= set(h)
         assert -7.5 <= h["rewards/rule_reward/mean"] <= 2.5 and not math.isnan(h["rewards/rm_reward/mean"])
     assert verifier.stats["checks"] > 0 and verifier.stats["checks"] % len(rules) == 0  # every rule, every completion
+
+
+def test_grpo_can_use_a_user_supplied_rule_file_with_its_hash_recorded(tmp_path):
+    from autorule_lib.rewards import rule_set_table
+
+    (tmp_path / "appendix.json").write_text(json.dumps(["Rule one.", "Rule two."]))
+    prof = tmp_path / "mine.yaml"
+    prof.write_text("extends: smoke\ngrpo_runs: [appendix, rm_only]\n"
+                    "grpo_variants: {appendix: {reward: autorule, rule_set_file: ./appendix.json}}\n")
+    profile = load_profile(prof)
+    funcs, _ = build_reward_funcs(profile, profile.grpo_variant("appendix"), rm_scorer=lambda t: [0.0] * len(t),
+                                  rm_normalizer=(0.0, 1.0), tokenizer=SpaceTokenizer(),
+                                  verifier=ScriptedVerifier({}))
+    assert funcs[0].rules == ["Rule one.", "Rule two."]
+    info = funcs[0].rule_set
+    assert info["source"] == f"file:{tmp_path / 'appendix.json'}" and info["n_rules"] == 2 and len(info["sha256"]) == 64
+    table = {r["run"]: r for r in rule_set_table(profile)}
+    assert table["appendix"]["rules"] == 2 and table["rm_only"]["rule set"] == "—"
+    (tmp_path / "appendix.json").write_text('{"not": "a list"}')
+    with pytest.raises(ValueError, match="JSON list of rule strings"):
+        build_reward_funcs(profile, profile.grpo_variant("appendix"), rm_scorer=lambda t: [0.0] * len(t),
+                           rm_normalizer=(0.0, 1.0), tokenizer=SpaceTokenizer(), verifier=ScriptedVerifier({}))
