@@ -6,8 +6,8 @@ import pytest
 
 from autorule_lib.config import VerifierConfig, load_profile
 from autorule_lib.llm import LLMCallError, LLMResponse
-from autorule_lib.verifier import (CONCISE_CLAUSE, RuleVerifier, Verdict, load_template, messages_conversation,
-                                   parse_verdict, prompt_token_ids, unscored)
+from autorule_lib.verifier import (CONCISE_CLAUSE, RuleVerifier, Verdict, judge_prompt_ids, load_template,
+                                   messages_conversation, parse_verdict, prompt_token_ids, unscored)
 from autorule_lib.verifier_backends import APIJudge
 
 CONV = "<|user|>What is 2+2?<|assistant|>It is 4."
@@ -261,6 +261,14 @@ def test_right_truncation_switch(judge, checks):
     assert short.cache_parts(convs[0], rules[0]) != judge.cache_parts(convs[0], rules[0])
     (row,) = short.judge(convs[:1], rules[:1])  # the answer instructions are cut off: whatever it says is counted
     assert short.stats["checks"] == 1
+    # self-consistent with the original: a truncated prompt's no-verdict answer is 0 even in strict mode
+    strict = dataclasses.replace(judge.cfg, truncate_prompt_tokens=40, unparseable_as_no=False)
+    ids, zero = judge_prompt_ids(tok, tpl, [(convs[0], rules[0]), ("<|user|>a<|assistant|>b", rules[0])], strict)
+    assert ids[0] == full[:40] and zero[0] is True
+    assert judge_prompt_ids(tok, tpl, [(convs[0], rules[0])], dataclasses.replace(strict, truncate_prompt_tokens=None))[1] == [False]
+    short.cfg = strict
+    (row,) = short.judge(convs[:1], rules[:1])
+    assert row[0].value is not None
 
 
 def test_vllm_is_optional(smoke, models_dir, judge):
