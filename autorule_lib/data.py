@@ -103,7 +103,8 @@ def iter_texts(source: str) -> Iterator[str]:
 # ---------------------------------------------------------------- schema checks
 
 def _check_messages(value: Any, name: str, min_len: int) -> tuple[str, str] | None:
-    """Alternating user/assistant turns, starting with the user, non-empty contents."""
+    """Alternating user/assistant turns, starting with the user, string contents. An empty content is
+    data, not a schema error: the original's filter passes such rows (so do we)."""
     if not isinstance(value, list) or len(value) < min_len:
         return name, f"expected a list of at least {min_len} messages, got {value!r:.80}"
     for i, msg in enumerate(value):
@@ -112,8 +113,6 @@ def _check_messages(value: Any, name: str, min_len: int) -> tuple[str, str] | No
         expected = "user" if i % 2 == 0 else "assistant"
         if msg["role"] != expected:
             return f"{name}[{i}].role", f"expected {expected!r} at this position, got {msg['role']!r}"
-        if not msg["content"].strip():
-            return f"{name}[{i}].content", "empty"
     return None
 
 
@@ -122,8 +121,8 @@ def check_uf_row(row: dict) -> tuple[str, str] | None:
     for col in UF_COLUMNS:
         if col not in row or row[col] is None:
             return col, "missing"
-    if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-        return "prompt", "empty or not a string"
+    if not isinstance(row["prompt"], str):  # an empty prompt is data (the original keeps it), not malformed
+        return "prompt", "not a string"
     for col in ("chosen", "rejected", "messages"):
         problem = _check_messages(row[col], col, 2)
         if problem:

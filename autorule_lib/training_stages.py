@@ -101,13 +101,15 @@ def dump_frozen(profile: Profile, run_dir: Path) -> Path:
 
 
 def grpo_stage(profile: Profile, run_dir: Path, variant: str, force: bool = False) -> Path:
-    from .rewards import build_reward_funcs  # the rule verifier is only needed here
+    from .rewards import build_reward_funcs, rules_for_variant  # the rule verifier is only needed here
 
     sets = uf_sets(run_dir)
     out = artifacts(run_dir, GRPO) / variant
     v = profile.grpo_variant(variant)
     names, weights = reward_layout(profile, v)
-    if not force and stage_finished(out, grpo_settings(profile, v, sft_model(run_dir), names, weights, out)):
+    rule_sets = [rules_for_variant(profile, v, run_dir)[1]] if v.reward == "autorule" else []
+    if not force and stage_finished(out, grpo_settings(profile, v, sft_model(run_dir), names, weights, out,
+                                                       rule_sets)):
         return out / "final"  # e.g. the --parallel-runs collector: nothing is built for a finished run
     # accelerate sets each rank's device here, so the RM and a local verifier go to the rank's own GPU
     dist_state()

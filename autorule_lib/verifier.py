@@ -6,8 +6,10 @@ unscored check is counted and reported, never turned into a silent 0.
 Two modes, one judge prompt (an editable template in ``prompts/``):
 
 * ``parity`` — the paper's judge: the prompt rendered with the verifier's chat template, greedy
-  generation up to ``max_new_tokens``, verdict 1 if the output contains ``[[Yes]]``. An output with
-  neither ``[[Yes]]`` nor ``[[No]]`` is unscored (``unparseable_as_no`` restores the original's 0).
+  generation up to ``max_new_tokens``, verdict 1 if the output contains ``[[Yes]]``. An answer with
+  neither ``[[Yes]]`` nor ``[[No]]`` is a 0 as in the original, with the reason ``no_verdict`` so it is
+  counted (``unparseable_as_no: false`` makes it unscored instead). A backend failure (no answer at
+  all) is always unscored, never a 0.
 * ``fast`` — one forward pass per (response, rule): the common start of the two answers (``[[``) is
   appended to the prompt and the verdict read from the next-token probabilities of ``Yes`` vs ``No``.
   With the ``conversation_first`` layout all rules of one response share the conversation as a prompt
@@ -63,13 +65,19 @@ class JudgeTemplate:
 
 
 def load_template(layout: str, concise_clause: bool = True, path: str | Path | None = None) -> JudgeTemplate:
-    """Read a template file: leading ``#`` lines are comments (``# version: x`` names it), the rest is the body."""
+    """Read a template file: leading ``#`` lines are comments (``# version: x`` names it), the rest is the body.
+
+    Body lines marked ``?concise `` belong to the conciseness criterion and are kept only with it on;
+    lines marked ``?plain `` only with it off (the older variant), so both variants live in one file.
+    """
     path = Path(path) if path else PROMPTS_DIR / TEMPLATE_FILES[layout]
     lines = path.read_text(encoding="utf-8").splitlines()
     version = None
     while lines and lines[0].startswith("#"):
         m = re.match(r"#\s*version:\s*(\S+)", lines.pop(0))
         version = m.group(1) if m else version
+    keep, drop = ("?concise ", "?plain ") if concise_clause else ("?plain ", "?concise ")
+    lines = [x[len(keep):] if x.startswith(keep) else x for x in lines if not x.startswith(drop)]
     body = "\n".join(lines).strip("\n")
     missing = [p for p in PLACEHOLDERS if "{" + p + "}" not in body]
     if missing or not version:
@@ -111,8 +119,13 @@ def reason_kind(reason: str | None) -> str:
     return (reason or "").split(":")[0].split(" (")[0].strip()
 
 
-def parse_verdict(text: str | None, unparseable_as_no: bool = False) -> Verdict:
-    """The paper's test: ``[[Yes]]`` anywhere in the output means 1; ``[[No]]`` means 0; else unscored."""
+NO_VERDICT = "no_verdict"  # reason of a 0 given to an answer holding neither verdict (the original's rule)
+
+
+def parse_verdict(text: str | None, unparseable_as_no: bool = True) -> Verdict:
+    """The paper's test: ``[[Yes]]`` anywhere in the output means 1; ``[[No]]`` means 0; anything else
+    is 0 with the reason ``no_verdict`` (the original's substring test), or unscored when not
+    ``unparseable_as_no`` (the stricter reading)."""
     text = text or ""
     clipped = text[:OUTPUT_CLIP]
     if YES in text:
@@ -120,7 +133,7 @@ def parse_verdict(text: str | None, unparseable_as_no: bool = False) -> Verdict:
     if NO in text:
         return Verdict(0, output=clipped)
     if unparseable_as_no:  # the original's substring test: anything without [[Yes]] is a 0 — still counted
-        return Verdict(0, reason="unparseable (counted as 0)", output=clipped)
+        return Verdict(0, reason=f"{NO_VERDICT} (counted as 0)", output=clipped)
     return unscored("unparseable", output=clipped)
 
 
@@ -159,8 +172,9 @@ class RuleVerifier:
 
     def cache_parts(self, conversation: str, rule: str) -> dict:
         """Everything that fixes a verdict: judge, template, decoding settings, the rule and the exact text."""
-        decode = ({"max_new_tokens": self.cfg.max_new_tokens, "unparseable_as_no": self.cfg.unparseable_as_no}
-                  if self.mode == "parity" else {"min_answer_mass": self.cfg.min_answer_mass})
+        decode = ({"max_new_tokens": self.cfg.max_new_tokens} if self.mode == "parity"
+                  else {"min_answer_mass": self.cfg.min_answer_mass})
+        decode["unparseable_as_no"] = self.cfg.unparseable_as_no
         return {"kind": "rule_verdict", "verifier": self.verifier_id, "mode": self.mode,
                 "template": self.template.version, "truncate": self.cfg.truncate_prompt_tokens,
                 "decode": decode, "rule": rule, "text": conversation}
@@ -325,6 +339,20 @@ def prompt_token_ids(tokenizer, template: JudgeTemplate, items: Sequence[tuple[s
         for j, x in zip(whole, tokenizer(texts, add_special_tokens=False)["input_ids"]):
             ids[j] = x
     return [x[:truncate] for x in ids] if truncate else ids
+
+
+def judge_prompt_ids(tokenizer, template: JudgeTemplate, items: Sequence[tuple[str, str]], cfg: VerifierConfig,
+                     memo: PieceMemo | None = None) -> tuple[list[list[int]], list[bool]]:
+    """Each item's prompt ids, truncated as ``cfg`` asks, and whether an answer with no verdict is a 0.
+
+    It is with ``unparseable_as_no``, and always for a prompt the truncation cut: the original's
+    truncation quirk drops the answer instructions, and the original scored what followed as 0 — a
+    truncated prompt left unscored would reproduce half of the quirk.
+    """
+    ids = prompt_token_ids(tokenizer, template, items, None, memo)
+    n = cfg.truncate_prompt_tokens
+    zero = [cfg.unparseable_as_no or bool(n and len(x) > n) for x in ids]
+    return ([x[:n] for x in ids] if n else ids), zero
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from .config import Profile, VerifierConfig
-from .verifier import (AnswerTokens, JudgeTemplate, PieceMemo, Verdict, answer_tokens, parse_verdict,
-                       prompt_token_ids, unscored)
+from .verifier import (NO_VERDICT, AnswerTokens, JudgeTemplate, PieceMemo, Verdict, answer_tokens, judge_prompt_ids,
+                       parse_verdict, unscored)
 
 
 def _chunks(seq: Sequence, n: int):
@@ -28,15 +28,30 @@ def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
     return len(os.path.commonprefix(list(seqs)))  # works on any sequences: compares only the min and max
 
 
-def verdict_from_probs(p_yes_tok: float, p_no_tok: float, p_prefix: float, min_mass: float) -> Verdict:
-    """Fast-mode verdict: Yes iff P(Yes) > P(No); unscored when the judge would rarely answer either."""
+def verdict_from_probs(p_yes_tok: float, p_no_tok: float, p_prefix: float, min_mass: float,
+                       no_verdict_as_zero: bool = True) -> Verdict:
+    """Fast-mode verdict: Yes iff P(Yes) > P(No). When the judge would rarely answer either, it is the
+    fast counterpart of a generated answer with no verdict: 0 (reason ``no_verdict``) or unscored, as
+    the parity mode would treat that answer."""
     pair = p_yes_tok + p_no_tok
     mass = p_prefix * pair
     if pair <= 0 or mass < min_mass:
-        return unscored(f"low_answer_mass ({mass:.3g} < {min_mass})", answer_mass=mass,
-                        p_yes=p_yes_tok / pair if pair > 0 else None)
+        why, p_yes = f"low_answer_mass ({mass:.3g} < {min_mass})", p_yes_tok / pair if pair > 0 else None
+        if no_verdict_as_zero:
+            return Verdict(0, reason=f"{NO_VERDICT} ({why}, counted as 0)", answer_mass=mass, p_yes=p_yes)
+        return unscored(why, answer_mass=mass, p_yes=p_yes)
     p_yes = p_yes_tok / pair
     return Verdict(int(p_yes > 0.5), p_yes=p_yes, answer_mass=mass)
+
+
+def _zero_truncated(verdicts: list, zero: list[bool]) -> list[Verdict]:
+    """Fast mode: a no-verdict check whose prompt was truncated is a 0 whatever ``unparseable_as_no`` says
+    (see ``verifier.judge_prompt_ids``); backend failures stay unscored."""
+    for j, v in enumerate(verdicts):
+        if zero[j] and v.value is None and (v.reason or "").startswith("low_answer_mass"):
+            verdicts[j] = Verdict(0, reason=f"{NO_VERDICT} ({v.reason}, truncated prompt, counted as 0)",
+                                  p_yes=v.p_yes, answer_mass=v.answer_mass)
+    return verdicts
 
 
 def _stop_ids(model, tokenizer) -> list[int]:
@@ -71,14 +86,14 @@ class TransformersJudge:
     # ------------------------------------------------------------ paper parity: greedy generation
 
     def generate(self, template: JudgeTemplate, items, cfg: VerifierConfig) -> list[Verdict]:
-        ids = prompt_token_ids(self.tok, template, items, cfg.truncate_prompt_tokens, self.pieces)
+        ids, zero = judge_prompt_ids(self.tok, template, items, cfg, self.pieces)
         order = sorted(range(len(ids)), key=lambda j: len(ids[j]))  # similar lengths together: less padding
         out: list[Verdict | None] = [None] * len(ids)
         for chunk in _chunks(order, cfg.batch_size):
             try:
                 texts = self._generate_batch([ids[j] for j in chunk], cfg.max_new_tokens)
                 for j, text in zip(chunk, texts):
-                    out[j] = parse_verdict(text, cfg.unparseable_as_no)
+                    out[j] = parse_verdict(text, zero[j])
             except (RuntimeError, ValueError) as e:  # e.g. out of memory: unscored, counted, retried next run
                 warnings.warn(f"verifier generation failed for {len(chunk)} checks: {e}")
                 for j in chunk:
@@ -111,8 +126,8 @@ class TransformersJudge:
     def score(self, template: JudgeTemplate, items, cfg: VerifierConfig, reuse_prefix: bool = True) -> list[Verdict]:
         """One forward pass per batch of items. With ``reuse_prefix``, the items of one conversation share
         the longest common token prefix of their prompts, encoded once and attended to by every rule."""
-        ids = [x + list(self.answer.prefix)
-               for x in prompt_token_ids(self.tok, template, items, cfg.truncate_prompt_tokens, self.pieces)]
+        ids, zero = judge_prompt_ids(self.tok, template, items, cfg, self.pieces)
+        ids = [x + list(self.answer.prefix) for x in ids]
         out: list[Verdict | None] = [None] * len(ids)
         groups: dict[str, list[int]] = {}
         for j, (conv, _) in enumerate(items):
@@ -121,7 +136,7 @@ class TransformersJudge:
         if not (reuse_prefix and self.can_share_prefix):  # plain batches of whole prompts
             for chunk in _chunks([g[0] for g in group_list], cfg.batch_size):
                 self._guarded(chunk, out, lambda c=chunk: self._score_rows([ids[j] for j in c], cfg), "")
-            return out  # type: ignore[return-value]
+            return _zero_truncated(out, zero)
         plen = {g[0]: self._shared_prefix_len(g, ids) for g in group_list}  # keyed by each group's first item
         # The head every prompt starts with (the instructions) is encoded once for the whole call.
         head_len = 0 if len(group_list) < 2 else min(_common_prefix_len([ids[g[0]] for g in group_list]),
@@ -138,7 +153,7 @@ class TransformersJudge:
             rows = [j for g in gchunk for j in g]
             self._guarded(rows, out, lambda gc=gchunk: self._score_with_prefix(gc, ids, plen, head, head_kv, cfg),
                           " (prefix reuse)")
-        return out  # type: ignore[return-value]
+        return _zero_truncated(out, zero)
 
     def _encode_head(self, head: list[int]):
         import torch
@@ -166,7 +181,7 @@ class TransformersJudge:
         lp_prefix = sum((logp[:, t, tok] for t, tok in enumerate(self.answer.prefix)), logp.new_zeros(len(logp)))
         rows = zip(logp[:, n, self.answer.yes].exp().tolist(), logp[:, n, self.answer.no].exp().tolist(),
                    lp_prefix.exp().tolist())
-        return [verdict_from_probs(y, no, pre, cfg.min_answer_mass) for y, no, pre in rows]
+        return [verdict_from_probs(y, no, pre, cfg.min_answer_mass, cfg.unparseable_as_no) for y, no, pre in rows]
 
     def _score_rows(self, batch: list[list[int]], cfg: VerifierConfig) -> list[Verdict]:
         """Whole prompts, left padded; the last len(prefix)+1 positions carry the answer."""
@@ -236,18 +251,18 @@ class VLLMJudge:
     def generate(self, template: JudgeTemplate, items, cfg: VerifierConfig) -> list[Verdict]:
         from vllm import SamplingParams
 
-        ids = prompt_token_ids(self.tok, template, items, cfg.truncate_prompt_tokens, self.pieces)
+        ids, zero = judge_prompt_ids(self.tok, template, items, cfg, self.pieces)
         try:
             results = self._run(ids, SamplingParams(temperature=0.0, max_tokens=cfg.max_new_tokens))
         except (RuntimeError, ValueError) as e:
             return [unscored(f"backend_error: {type(e).__name__}: {e}") for _ in items]
-        return [parse_verdict(r.outputs[0].text, cfg.unparseable_as_no) for r in results]
+        return [parse_verdict(r.outputs[0].text, z) for r, z in zip(results, zero)]
 
     def score(self, template: JudgeTemplate, items, cfg: VerifierConfig, reuse_prefix: bool = True) -> list[Verdict]:
         from vllm import SamplingParams
 
-        ids = [x + list(self.answer.prefix)
-               for x in prompt_token_ids(self.tok, template, items, cfg.truncate_prompt_tokens, self.pieces)]
+        ids, zero = judge_prompt_ids(self.tok, template, items, cfg, self.pieces)
+        ids = [x + list(self.answer.prefix) for x in ids]
         try:  # one generated token with its top log-probabilities; P(prefix) is not measured here (taken as 1)
             results = self._run(ids, SamplingParams(temperature=0.0, max_tokens=1, logprobs=20))
         except (RuntimeError, ValueError) as e:
@@ -256,8 +271,9 @@ class VLLMJudge:
         for r in results:
             top = r.outputs[0].logprobs[0]
             p = lambda t: math.exp(top[t].logprob) if t in top else 0.0  # noqa: E731
-            verdicts.append(verdict_from_probs(p(self.answer.yes), p(self.answer.no), 1.0, cfg.min_answer_mass))
-        return verdicts
+            verdicts.append(verdict_from_probs(p(self.answer.yes), p(self.answer.no), 1.0, cfg.min_answer_mass,
+                                               cfg.unparseable_as_no))
+        return _zero_truncated(verdicts, zero)
 
 
 class APIJudge:

@@ -16,33 +16,25 @@ from __future__ import annotations
 
 import ast
 import re
+from pathlib import Path
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-# SEED_EVAL.md §1, verbatim. Filled with str.format: {{ and }} are literal braces.
-RANKING_PROMPT = '''I want you to create a leaderboard of different large-language models. To do so, I will give you the instructions (prompts) given to the models, and the responses of two models. Please rank the models based on which responses would be preferred by humans. All inputs and outputs should be python dictionaries.
-Here is the prompt:
-{{
-"instruction": """{instruction}"""
-}}
-Here are the outputs of the models:
-[
-{{
-"model": "model_1",
-"answer": """{output_1}"""
-}},
-{{
-"model": "model_2",
-"answer": """{output_2}"""
-}}
-]
-Now please rank the models by the quality of their answers, so that the model with rank 1 has the best output. Then return a list of the model names and ranks, i.e., produce the following output:
-[
-{{'model': <model-name>, 'rank': <model-rank>}},
-{{'model': <model-name>, 'rank': <model-rank>}}
-]
-Your response must be a valid Python dictionary and should contain nothing else because we will directly execute it in Python. Please provide the ranking that the majority of humans would give.'''
+PROMPT_FILE = Path(__file__).resolve().parent / "prompts" / "uf_winrate_ranking.txt"
+
+
+def load_ranking_prompt(path: Path = PROMPT_FILE) -> str:
+    """The seed's ranking prompt (SEED_EVAL.md §1), its words *and* its layout — blank lines and the
+    4/8-space indentation of the dictionaries are part of what the judge sees. Leading ``#`` lines are
+    comments; the one trailing newline of the file is not part of the prompt."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    while lines and lines[0].startswith("#"):
+        lines.pop(0)
+    return "\n".join(lines).removesuffix("\n")
+
+
+RANKING_PROMPT = load_ranking_prompt()
 
 MODELS = ("model_1", "model_2")
 # The two admissible answers a likelihood judge chooses between (rank-1 model listed first).

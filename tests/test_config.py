@@ -79,3 +79,36 @@ def test_grpo_runs_must_name_variants(tmp_path):
     assert load_profile("single_gpu").grpo_run_names() == ["autorule_uf", "rm_only", "length_penalty"]
     with pytest.raises(ConfigError, match="grpo_runs: 'nope' is not a name in grpo_variants"):
         load_profile(write(tmp_path, "extends: smoke\ngrpo_runs: [nope]\n"))
+
+
+def test_method_choices_table_lists_every_fidelity_switch():
+    """Chapter 00's table: every switch of issue 13, this run's value next to the original's."""
+    from autorule_lib.config import load_profile
+
+    rows = {r["setting"]: r for r in load_profile("paper").method_choices()}
+    for setting in ("verifier criteria (concise_clause)", "verifier answer with no verdict (unparseable_as_no)",
+                    "UF extraction sample pool", "extraction prompts", "AutoRule rule sets (rule_set / rule_set_file)",
+                    "RM on a truncated completion", "PPO reward (ppo.normalize_reward)", "PPO updates per rollout",
+                    "Adam betas per stage", "GRPO micro-batch per run", "rows with empty prompt or response",
+                    "RM σ estimator", "MT-Bench answers' BOS (mt_bench_bos)",
+                    "MT-Bench questions / references / judge prompts", "MT-Bench judge", "UF win-rate prompt"):
+        assert set(rows[setting]) == {"setting", "this run", "paper", "released code"}
+    # the paper profile's defaults reproduce the original wherever this issue names one
+    assert rows["verifier answer with no verdict (unparseable_as_no)"]["this run"] == "0, counted"
+    assert rows["UF extraction sample pool"]["this run"] == "unfiltered train_prefs"
+    assert rows["PPO updates per rollout"]["this run"] == "8 of 128"
+    assert rows["Adam betas per stage"]["this run"].count("(0.9, 0.95)") == 4
+    assert rows["GRPO micro-batch per run"]["this run"].startswith("autorule_uf 4, autorule_mt 4, rm_only 16")
+
+
+def test_rule_set_file_must_exist_and_is_named(tmp_path):
+    import pytest
+
+    from autorule_lib.config import ConfigError, load_profile
+
+    prof = tmp_path / "mine.yaml"
+    prof.write_text("extends: paper\ngrpo_variants: {appendix: {reward: autorule, rule_set_file: ./appendix.json}}\n")
+    with pytest.raises(ConfigError, match="grpo_variants.appendix.rule_set_file: no such file"):
+        load_profile(prof)
+    (tmp_path / "appendix.json").write_text('["Rule one.", "Rule two."]')
+    assert load_profile(prof).grpo_variant("appendix").rule_set_file == "./appendix.json"

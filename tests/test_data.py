@@ -65,8 +65,8 @@ def test_training_filter_can_be_switched_off_but_test_set_is_always_filtered(wor
 @pytest.mark.parametrize("mutate, field", [
     (lambda r: r.pop("score_rejected"), "score_rejected"),
     (lambda r: r["chosen"].reverse(), "chosen[0].role"),
-    (lambda r: r["rejected"][1].update(content="  "), "rejected[1].content"),
-    (lambda r: r.update(prompt=""), "prompt"),
+    (lambda r: r["rejected"][1].update(content=None), "rejected[1]"),
+    (lambda r: r.update(prompt=5), "prompt"),
     (lambda r: r.update(messages=[r["messages"][0]]), "messages"),
     (lambda r: r.update(score_chosen="high"), "score_chosen"),
 ])
@@ -77,6 +77,18 @@ def test_malformed_row_names_split_row_and_field(word_tokenizer, mutate, field):
         prepare_ultrafeedback(splits_with(rows), word_tokenizer, DataConfig())
     assert (e.value.split, e.value.index, e.value.field) == ("train_prefs", 1, field)
     assert "train_prefs" in str(e.value) and "row 1" in str(e.value) and field in str(e.value)
+
+
+def test_empty_prompt_or_response_is_data_not_a_schema_error(word_tokenizer):
+    """The original's filter passes rows whose prompt or response is empty (real UltraFeedback has some)."""
+    empty_prompt = uf_row(prompt="")
+    empty_response = uf_row(prompt="Say nothing.", chosen="")
+    empty_response["messages"][1]["content"] = ""
+    out = prepare_ultrafeedback(splits_with([uf_row(), empty_prompt, empty_response]), word_tokenizer, DataConfig())
+    rep = out.report["train_prefs"]
+    assert rep.dropped["malformed"] == 0 and rep.rows_kept == 3
+    assert {r["prompt"] for r in out.sets["rm_train"]} == {"What is 2+2?", "", "Say nothing."}
+    assert [r["chosen_content"] for r in out.processed["train_prefs"]][2] == ""
 
 
 def test_malformed_rows_can_be_skipped_and_counted(word_tokenizer):

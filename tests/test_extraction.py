@@ -247,7 +247,7 @@ def test_smoke_replay_fixture_covers_the_chapter(smoke, tmp_path):
     uf = prepare_ultrafeedback(load_source(smoke.data.ultrafeedback_source, UF_SPLITS), tok, smoke.data)
     mt = prepare_mt_bench(load_source(smoke.data.mt_bench_source, ["human"]), smoke.data)
     results = {name: extract_rules(smoke, name, rows, tmp_path / name, split=split, progress=False)
-               for name, rows, split in (("uf", uf.sets["rm_train"], "rm_train"),
+               for name, rows, split in (("uf", uf.processed["train_prefs"], "train_prefs"),
                                          ("mt", mt.sets["mt_train"], "mt_train"))}
     records = [r for res in results.values() for r in res.records]
     assert all(r["demonstration"] for r in records)
@@ -257,6 +257,41 @@ def test_smoke_replay_fixture_covers_the_chapter(smoke, tmp_path):
     assert any(r["parse_repairs"] for r in records)
     for res in results.values():
         assert res.merged_rules and len(res.merged_rules) < len(res.unique_rules)
+
+
+def test_uf_sample_is_drawn_from_unfiltered_train_prefs_by_default(smoke, tmp_path):
+    """The original samples its 256 pairs before the length/quality filter: the smoke sample holds pairs
+    the filter drops; the chapter and the CLI read the same pool, and 'filtered' is a switch."""
+    import dataclasses
+
+    from autorule_lib.data import UF_SPLITS, filter_reasons, load_source, prepare_ultrafeedback
+    from autorule_lib.extraction import build_examples, extract_rules_from_source, uf_sample_pool
+    from autorule_lib.tiny_models import build_tiny_tokenizer, tiny_corpus
+
+    assert smoke.extraction.uf_sample_pool == "unfiltered"
+    assert uf_sample_pool(smoke, tmp_path / "uf") == (str(tmp_path / "uf" / "processed"), "train_prefs")
+    tok = build_tiny_tokenizer(tiny_corpus(smoke), smoke.models.tiny, tmp_path / "tok")
+    uf = prepare_ultrafeedback(load_source(smoke.data.ultrafeedback_source, UF_SPLITS), tok, smoke.data)
+    pool = uf.processed["train_prefs"]
+    examples, _ = build_examples(smoke, "uf", pool, split="train_prefs")
+    drawn = [pool[int(e.example_id.rsplit("/", 1)[1])] for e in examples]
+    assert any(reasons is not None for reasons in filter_reasons(drawn, tok, smoke.data.max_tokens))
+    filtered = dataclasses.replace(smoke, extraction=dataclasses.replace(smoke.extraction, uf_sample_pool="filtered"))
+    assert uf_sample_pool(filtered, tmp_path / "uf")[1] == "rm_train"
+    with pytest.raises(ExtractionError, match="uf_sample_pool"):
+        extract_rules_from_source(filtered, "uf", str(tmp_path), tmp_path / "out")
+
+
+def test_extraction_prompts_carry_the_originals_content():
+    t = load_templates()
+    extract = t["extract"].render(source_text="REASONING", winner_letter="A")
+    assert extract.rstrip().endswith("REASONING\n[End of the reasoning]")  # the reasoning comes last
+    examples = [x for x in extract.splitlines() if x.startswith("- The assistant's responses should")]
+    assert len(examples) == 3 and "assumptions" in examples[0] and "already provided" in examples[1]
+    assert "structure" in examples[2] and not any(w in " ".join(examples) for w in ("concise", "brief", "short"))
+    assert "without a code block" in extract
+    merge = t["merge"].render(rules="- r1\n- r2")
+    assert "The assistant's responses should ..." not in merge and "form" not in merge  # no imposed phrasing
 
 
 # ---------------------------------------------------------------- crash and resume

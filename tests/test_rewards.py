@@ -82,6 +82,22 @@ def test_rule_reward_callable_follows_trl_conventions():
     assert logged["verifier/unscored_responses"] == pytest.approx(1 / 4)
 
 
+def test_no_verdict_answers_count_as_zero_and_are_logged_per_step():
+    """The original's rule: an answer without [[Yes]] is 0. The response keeps its reward (its group-mate
+    keeps its learning signal) and the step logs how often it happened."""
+    from autorule_lib.verifier import parse_verdict
+
+    class NoVerdictOnce:
+        def judge(self, conversations, rules):
+            return [[parse_verdict("[[Yes]]"), parse_verdict("I think it is fine.")] for _ in conversations]
+
+    logged = {}
+    out = RuleReward(NoVerdictOnce(), ["r0", "r1"], RewardConfig())(
+        prompts=["Q", "Q"], completions=["a", "b"], log_metric=lambda k, v: logged.setdefault(k, v))
+    assert out == [pytest.approx(-2.5), pytest.approx(-2.5)]  # (1/2 - 0.75) * 10, not None
+    assert logged["verifier/no_verdict"] == pytest.approx(0.5) and logged["verifier/unscored_responses"] == 0.0
+
+
 def test_rm_reward_z_normalises_with_the_frozen_stats(tmp_path):
     path = tmp_path / "rm_normalization.json"
     path.write_text(json.dumps({"mean": 2.0, "std": 4.0, "n_texts": 10}))
@@ -94,6 +110,15 @@ def test_rm_reward_z_normalises_with_the_frozen_stats(tmp_path):
     path.write_text(json.dumps({"mean": 0.0, "std": 0.0}))
     with pytest.raises(ValueError, match="positive std"):
         load_rm_normalizer(path)
+
+
+def test_rm_reads_a_truncated_completion_at_its_last_generated_token():
+    """TRL's completion_ids keep the EOS the policy generated; one cut at the length limit has none, and
+    the original scores it as generated (no EOS appended that the policy never produced)."""
+    seen = []
+    rm = RMReward(lambda texts: seen.extend(texts) or [0.0] * len(texts), 0.0, 1.0, "<eos>", eos_token_id=2)
+    rm(["<|user|>Q<|assistant|>", "Q2"], ["A ", "B was cut mid"], completion_ids=[[7, 8, 2], [9, 10, 11]])
+    assert seen == ["<|user|>Q<|assistant|>A <eos>", "<|user|>Q2<|assistant|>B was cut mid"]
 
 
 @pytest.mark.parametrize("policy,expected", [("drop", [1.0, None]), ("rm_only", [1.0, 1.0])])
@@ -185,3 +210,25 @@ def test_two_grpo_steps_with_the_autorule_reward(models_dir, tmp_path):
                 "verifier/unscored_checks", "rm/raw_score_mean"} <= set(h)
         assert -7.5 <= h["rewards/rule_reward/mean"] <= 2.5 and not math.isnan(h["rewards/rm_reward/mean"])
     assert verifier.stats["checks"] > 0 and verifier.stats["checks"] % len(rules) == 0  # every rule, every completion
+
+
+def test_grpo_can_use_a_user_supplied_rule_file_with_its_hash_recorded(tmp_path):
+    from autorule_lib.rewards import rule_set_table
+
+    (tmp_path / "appendix.json").write_text(json.dumps(["Rule one.", "Rule two."]))
+    prof = tmp_path / "mine.yaml"
+    prof.write_text("extends: smoke\ngrpo_runs: [appendix, rm_only]\n"
+                    "grpo_variants: {appendix: {reward: autorule, rule_set_file: ./appendix.json}}\n")
+    profile = load_profile(prof)
+    funcs, _ = build_reward_funcs(profile, profile.grpo_variant("appendix"), rm_scorer=lambda t: [0.0] * len(t),
+                                  rm_normalizer=(0.0, 1.0), tokenizer=SpaceTokenizer(),
+                                  verifier=ScriptedVerifier({}))
+    assert funcs[0].rules == ["Rule one.", "Rule two."]
+    info = funcs[0].rule_set
+    assert info["source"] == f"file:{tmp_path / 'appendix.json'}" and info["n_rules"] == 2 and len(info["sha256"]) == 64
+    table = {r["run"]: r for r in rule_set_table(profile)}
+    assert table["appendix"]["rules"] == 2 and table["rm_only"]["rule set"] == "—"
+    (tmp_path / "appendix.json").write_text('{"not": "a list"}')
+    with pytest.raises(ValueError, match="JSON list of rule strings"):
+        build_reward_funcs(profile, profile.grpo_variant("appendix"), rm_scorer=lambda t: [0.0] * len(t),
+                           rm_normalizer=(0.0, 1.0), tokenizer=SpaceTokenizer(), verifier=ScriptedVerifier({}))

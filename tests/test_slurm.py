@@ -31,6 +31,15 @@ def server_profile(tmp_path, runs="[autorule_uf, autorule_mt]"):
     return str(path)
 
 
+def two_node_profile(tmp_path):
+    """The paper's AutoRule runs (micro-batch 4): on 16 training processes the baselines' micro-batch 16
+    (the original's) would exceed their batch of 128, which the launcher rightly rejects."""
+    path = tmp_path / "two_node.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("extends: paper\nname: two_node\ngrpo_runs: [autorule_uf, autorule_mt]\n")
+    return str(path)
+
+
 def rendered(tmp_path, profile="paper", stages=BOOK, **opts):
     out = render(load_profile(profile), Options(**opts), run_dir=tmp_path / "run", scripts_dir=tmp_path / "slurm",
                  stages=stages)
@@ -100,8 +109,8 @@ def test_one_node_with_vllm_servers(tmp_path):
 
 
 def test_two_nodes(tmp_path):
-    out, files = rendered(tmp_path, nodes=2, gpus_per_node=8, partition="gpu", cpu_partition="cpu",
-                          account="proj", sbatch_args=["--qos=high"])
+    out, files = rendered(tmp_path, profile=two_node_profile(tmp_path), nodes=2, gpus_per_node=8, partition="gpu",
+                          cpu_partition="cpu", account="proj", sbatch_args=["--qos=high"])
     for key in ("04_sft", "05_reward_model", "06_grpo"):
         text = files[f"{key}.sbatch"]
         o = sbatch_opts(text)
@@ -177,7 +186,7 @@ def test_every_command_exists_in_our_cli_and_trl(tmp_path):
 
 
 def test_scripts_are_valid_bash(tmp_path):
-    variants = [{}, {"nodes": 2, "parallel_runs": True},
+    variants = [{}, {"profile": two_node_profile(tmp_path), "nodes": 2, "parallel_runs": True},
                 {"profile": server_profile(tmp_path), "verifier_gpus": 3, "nodes": 2}]
     for i, opts in enumerate(variants):
         _, files = rendered(tmp_path / str(i), **opts)
@@ -191,7 +200,7 @@ def test_scripts_are_valid_bash(tmp_path):
 def test_no_secret_values_in_scripts(tmp_path, monkeypatch):
     for k, v in FAKE_SECRETS.items():
         monkeypatch.setenv(k, v)
-    rendered(tmp_path, nodes=2, parallel_runs=True)
+    rendered(tmp_path, profile=two_node_profile(tmp_path / "p"), nodes=2, parallel_runs=True)
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(written) > 10
     for p in written:

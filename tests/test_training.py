@@ -135,10 +135,115 @@ def test_grpo_kl_switch_and_loss_mapping(tmp_path):
     assert T.grpo_args(p, p.grpo_variant("length_control"), tmp_path)["learning_rate"] == 3e-7
 
 
-def test_rm_normalization_is_population_mean_and_std_over_chosen_and_rejected():
+def test_rm_normalization_is_mean_and_unbiased_std_over_chosen_and_rejected():
     class Fixed:
         def score(self, prompts, responses):
             return [{"c": 1.0, "r": 3.0}[x] for x in responses]
 
     stats = T.rm_normalization(Fixed(), [{"prompt": "p", "chosen_content": "c", "rejected_content": "r"}])
-    assert stats["mean"] == 2.0 and stats["std"] == 1.0 and stats["n_texts"] == 2 and stats["pair_accuracy"] == 0.0
+    # scores {1, 3}: unbiased std sqrt(2) as the original's torch.std (the population std would be 1)
+    assert stats["mean"] == 2.0 and stats["std"] == pytest.approx(2 ** 0.5) and stats["n_texts"] == 2
+    assert stats["pair_accuracy"] == 0.0
+
+
+# ---------------------------------------------------------------- fidelity (issue 13)
+
+def _capture_trainer_args(monkeypatch, module, name):
+    """Replace a TRL trainer class by one that records its args and stops before training."""
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    class Capture:
+        def __init__(self, *a, args=None, **kw):
+            seen["args"] = args
+            raise Stop
+
+    monkeypatch.setattr(module, name, Capture)
+    return seen, Stop
+
+
+def test_rm_and_ppo_optimizers_get_the_profiles_betas(tiny, tmp_path, monkeypatch):
+    """OpenRLHF's Adam betas (0.9, 0.95) in every stage: the RM and PPO used to fall back to TRL's 0.999."""
+    import trl
+    import trl.experimental.ppo as ppo_mod
+
+    p = load_profile("smoke")
+    assert (p.reward_model.adam_beta2, p.ppo.adam_beta2) == (0.95, 0.95)
+    seen, Stop = _capture_trainer_args(monkeypatch, trl, "RewardTrainer")
+    with pytest.raises(Stop):
+        T.train_reward_model(p, rows_with_content(ROWS), rows_with_content(ROWS)[:2], tiny, tmp_path / "rm")
+    assert (seen["args"].adam_beta1, seen["args"].adam_beta2) == (0.9, 0.95)
+    seen, Stop = _capture_trainer_args(monkeypatch, ppo_mod, "PPOTrainer")
+    (tmp_path / "rm_normalization.json").write_text(json.dumps({"mean": 0.0, "std": 1.0}))
+    with pytest.raises(Stop):
+        T.train_ppo(p, rows_with_content(ROWS), tiny, tiny, tmp_path / "ppo", rm_normalizer=(0.0, 1.0))
+    assert (seen["args"].adam_beta1, seen["args"].adam_beta2) == (0.9, 0.95)
+
+
+def _trl_ppo_update_sizes(args, world: int) -> list[int]:
+    """trl 1.12's PPO update loop (trl/experimental/ppo/ppo_trainer.py, `train`), reduced to its batch
+    arithmetic, with the real Accelerator deciding when the optimizer steps: sequences per update, summed
+    over the ranks."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    local_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps  # as TRL computes it
+    local_mini = local_batch // args.num_mini_batches
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    acc = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, cpu=True)
+    model = acc.prepare(torch.nn.Linear(1, 1))
+    sizes, pending = [], 0
+    for _ in range(args.num_ppo_epochs):
+        for mini_start in range(0, local_batch, local_mini):
+            for micro_start in range(0, local_mini, args.per_device_train_batch_size):
+                with acc.accumulate(model):
+                    pending += len(range(micro_start, min(micro_start + args.per_device_train_batch_size, local_mini)))
+                    if acc.sync_gradients:
+                        sizes.append(pending * world)
+                        pending = 0
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return sizes
+
+
+@pytest.mark.parametrize("world", [1, 8])
+def test_ppo_batch_mapping_gives_8_updates_of_128_per_1024_prompt_rollout(world):
+    import inspect
+    import types
+
+    from trl.experimental.ppo import ppo_trainer
+
+    src = inspect.getsource(ppo_trainer.PPOTrainer.__init__)  # the arithmetic the simulation relies on
+    assert "args.local_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps" in src
+    assert "Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)" in src
+    cfg = load_profile("paper").ppo
+    mapped = types.SimpleNamespace(**T.ppo_batch_args(cfg, world), num_ppo_epochs=1)
+    assert mapped.per_device_train_batch_size * mapped.gradient_accumulation_steps * world == 1024  # the rollout
+    assert _trl_ppo_update_sizes(mapped, world) == [128] * 8
+    old = types.SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=1024 // world // 4,
+                                num_mini_batches=8, num_ppo_epochs=1)  # the previous mapping
+    assert _trl_ppo_update_sizes(old, world) == [1024]  # one update per rollout: what the test guards against
+
+
+def test_ppo_reward_is_z_normalised_in_the_reward_head(tiny):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny, num_labels=1)
+    x = torch.randn(3, 5, rm.config.hidden_size)
+    raw = rm.score(x)
+    T.normalize_score_head(rm, mean=1.5, std=4.0)
+    assert torch.allclose(rm.score(x), (raw - 1.5) / 4.0, atol=1e-5)
+    assert load_profile("paper").ppo.normalize_reward is True
+
+
+def test_grpo_micro_batch_is_per_variant_as_the_original(tmp_path):
+    p = load_profile("paper")
+    p.device = "auto"
+    micro = {n: T.grpo_args(p, p.grpo_variant(n), tmp_path)["per_device_train_batch_size"] for n in p.grpo_variants}
+    assert micro == {"autorule_uf": 4, "autorule_mt": 4, "rm_only": 16, "length_penalty": 16, "length_control": 16,
+                     "autorule_uf_2ep": 4, "rm_only_2ep": 16}

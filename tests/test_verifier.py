@@ -6,8 +6,8 @@ import pytest
 
 from autorule_lib.config import VerifierConfig, load_profile
 from autorule_lib.llm import LLMCallError, LLMResponse
-from autorule_lib.verifier import (CONCISE_CLAUSE, RuleVerifier, Verdict, load_template, messages_conversation,
-                                   parse_verdict, prompt_token_ids, unscored)
+from autorule_lib.verifier import (CONCISE_CLAUSE, RuleVerifier, Verdict, judge_prompt_ids, load_template,
+                                   messages_conversation, parse_verdict, prompt_token_ids, unscored)
 from autorule_lib.verifier_backends import APIJudge
 
 CONV = "<|user|>What is 2+2?<|assistant|>It is 4."
@@ -25,8 +25,24 @@ def test_templates_keep_the_paper_contract_in_both_layouts():
     assert rf.user_message(RULE, CONV).index(RULE) < rf.user_message(RULE, CONV).index(CONV)
     assert cf.user_message(RULE, CONV).index(CONV) < cf.user_message(RULE, CONV).index(RULE)
     plain = load_template("rule_first", concise_clause=False)
-    assert CONCISE_CLAUSE not in plain.user_message(RULE, CONV)
+    assert CONCISE_CLAUSE not in plain.user_message(RULE, CONV) and "concise" not in plain.user_message(RULE, CONV)
     assert len({rf.version, cf.version, plain.version}) == 3
+
+
+@pytest.mark.parametrize("layout", ["rule_first", "conversation_first"])
+def test_judge_prompt_names_both_criteria_and_requires_both(layout):
+    """The original's analysis rubric (METHOD.md §3): (1) the rule is satisfied, (2) concisely; [[Yes]]
+    only if both hold, [[No]] if either fails; n/a counts as satisfied; then the bare-answer demand."""
+    msg = load_template(layout).user_message(RULE, CONV)
+    assert "1. Rule:" in msg and "2. Conciseness:" in msg
+    assert "[[Yes]] only if both criteria are fully met" in msg and "[[No]] if either" in msg
+    assert "does not apply to this kind of task counts as satisfied" in msg
+    assert msg.rstrip().endswith(RULE) if layout == "conversation_first" else msg.rstrip().endswith("nothing else.")
+    if layout == "rule_first":  # the original's order: instructions, rule, conversation, criteria, demand
+        order = [msg.index(x) for x in ("impartial", RULE, CONV, "1. Rule:", "2. Conciseness:", "nothing else")]
+        assert order == sorted(order)
+    plain = load_template(layout, concise_clause=False).user_message(RULE, CONV)
+    assert "2. Conciseness" not in plain and "?plain" not in plain and "only if this criterion" in plain
 
 
 def test_template_version_follows_the_text(tmp_path):
@@ -56,14 +72,29 @@ def test_multi_turn_conversation_format():
     ("[[Yes]] wait, [[No]]", 1, None),  # the paper's test: [[Yes]] anywhere
     ("Yes", None, "unparseable"), ("", None, "unparseable"), ("[Yes]", None, "unparseable"),
 ])
-def test_parse_verdict(text, value, reason):
-    v = parse_verdict(text)
+def test_parse_verdict_strict(text, value, reason):
+    v = parse_verdict(text, unparseable_as_no=False)
     assert (v.value, v.reason) == (value, reason)
 
 
-def test_unparseable_as_no_is_a_zero_that_is_still_counted():
-    v = parse_verdict("I cannot tell.", unparseable_as_no=True)
-    assert v.value == 0 and "unparseable" in v.reason
+def test_no_verdict_is_a_zero_by_default_and_still_counted():
+    """The original scores any output without [[Yes]] as 0; ours does too, with a reason that is counted."""
+    assert VerifierConfig().unparseable_as_no is True
+    v = parse_verdict("I cannot tell.")
+    assert v.value == 0 and v.reason.startswith("no_verdict")
+    verifier = make_verifier(FakeBackend(answer=lambda c, r: parse_verdict("maybe")))
+    (row,) = verifier.judge([CONV], [RULE])
+    assert row[0].value == 0 and verifier.stats["imposed:no_verdict"] == 1 and verifier.stats["unscored"] == 0
+
+
+def test_fast_mode_low_answer_mass_follows_the_same_rule():
+    from autorule_lib.verifier_backends import _zero_truncated, verdict_from_probs
+
+    assert verdict_from_probs(0.01, 0.01, 1.0, 0.1).value == 0
+    assert verdict_from_probs(0.01, 0.01, 1.0, 0.1, no_verdict_as_zero=False).value is None
+    strict = [verdict_from_probs(0.01, 0.01, 1.0, 0.1, False), unscored("backend_error: x")]
+    fixed = _zero_truncated(list(strict), [True, True])  # truncated prompts: the original's 0; failures stay
+    assert fixed[0].value == 0 and fixed[0].reason.startswith("no_verdict") and fixed[1].value is None
 
 
 # ---------------------------------------------------------------- the verifier's bookkeeping
@@ -100,8 +131,8 @@ def test_backend_error_is_unscored_counted_and_not_cached(tmp_path):
     assert len(cache) == 0  # a failure is retried next time, never replayed
 
 
-def test_unparseable_output_is_unscored_and_counted():
-    v = make_verifier(FakeBackend(answer=lambda c, r: parse_verdict("maybe")))
+def test_unparseable_output_is_unscored_and_counted_in_strict_mode():
+    v = make_verifier(FakeBackend(answer=lambda c, r: parse_verdict("maybe", False)), unparseable_as_no=False)
     (row,) = v.judge([CONV], [RULE, "Another rule."])
     assert [x.value for x in row] == [None, None]
     assert v.stats["unscored:unparseable"] == 2 and v.stats["checks"] == 2
@@ -152,7 +183,7 @@ class FakeClient:
 
 
 @pytest.mark.parametrize("reply,value,reason", [
-    ("[[Yes]]", 1, None), ("The response is fine.", None, "unparseable"),
+    ("[[Yes]]", 1, None), ("The response is fine.", 0, "no_verdict (counted as 0)"),
     (LLMCallError("throttled", "gave up after 6 retries"), None, "backend_error: throttled"),
     (ConnectionError("reset"), None, "backend_error: ConnectionError: reset"),
 ])
@@ -164,7 +195,7 @@ def test_api_judge_verdicts_and_failures(reply, value, reason):
     messages, params = client.seen[0]
     assert RULE in messages[0]["content"] and CONV in messages[0]["content"]
     assert params["temperature"] == 0.0 and params["max_tokens"] == VerifierConfig().max_new_tokens
-    assert v.stats["checks"] == 1 and v.stats["unscored"] == (value is None)
+    assert v.stats["checks"] == 1 and v.stats["unscored"] == (value is None)  # a failure is never a 0
 
 
 # ---------------------------------------------------------------- the trained tiny verifier
@@ -230,6 +261,14 @@ def test_right_truncation_switch(judge, checks):
     assert short.cache_parts(convs[0], rules[0]) != judge.cache_parts(convs[0], rules[0])
     (row,) = short.judge(convs[:1], rules[:1])  # the answer instructions are cut off: whatever it says is counted
     assert short.stats["checks"] == 1
+    # self-consistent with the original: a truncated prompt's no-verdict answer is 0 even in strict mode
+    strict = dataclasses.replace(judge.cfg, truncate_prompt_tokens=40, unparseable_as_no=False)
+    ids, zero = judge_prompt_ids(tok, tpl, [(convs[0], rules[0]), ("<|user|>a<|assistant|>b", rules[0])], strict)
+    assert ids[0] == full[:40] and zero[0] is True
+    assert judge_prompt_ids(tok, tpl, [(convs[0], rules[0])], dataclasses.replace(strict, truncate_prompt_tokens=None))[1] == [False]
+    short.cfg = strict
+    (row,) = short.judge(convs[:1], rules[:1])
+    assert row[0].value is not None
 
 
 def test_vllm_is_optional(smoke, models_dir, judge):

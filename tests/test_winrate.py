@@ -15,9 +15,12 @@ SEED = Path(__file__).resolve().parents[1] / "fixtures" / "authors_readme" / "ev
 def test_prompt_is_the_seed_text():
     text = ranking_prompt("Say hi", "Hi!", "Hello.")
     assert text.startswith("I want you to create a leaderboard of different large-language models.")
-    assert '{\n"instruction": """Say hi"""\n}' in text
-    assert '{\n"model": "model_1",\n"answer": """Hi!"""\n},\n{\n"model": "model_2",\n"answer": """Hello."""\n}' in text
-    assert "{'model': <model-name>, 'rank': <model-rank>}," in text
+    # the seed's layout, not only its words: blank lines between sections, 4/8-space indentation
+    assert 'python dictionaries.\n\nHere is the prompt:\n{\n    "instruction": """Say hi"""\n}\n\n' in text
+    assert ('[\n    {\n        "model": "model_1",\n        "answer": """Hi!"""\n    },\n    {\n'
+            '        "model": "model_2",\n        "answer": """Hello."""\n    }\n]\n\nNow please') in text
+    assert "\n    {'model': <model-name>, 'rank': <model-rank>},\n" in text
+    assert "]\n\nYour response must be" in text
     assert text.endswith("Please provide the ranking that the majority of humans would give.")
     if SEED.exists():  # the seed document, where this checkout has it
         block = re.search(r"## 1\..*?```text\n(.*?)\n```", SEED.read_text(), re.S).group(1)
@@ -111,8 +114,8 @@ class FakeJudge:
         out = []
         for messages in conversations:
             text = messages[0]["content"]
-            o1 = re.search(r'"model_1",\n"answer": """(.*?)"""', text, re.S).group(1)
-            o2 = re.search(r'"model_2",\n"answer": """(.*?)"""', text, re.S).group(1)
+            o1 = re.search(r'"model_1",\s*"answer": """(.*?)"""', text, re.S).group(1)
+            o2 = re.search(r'"model_2",\s*"answer": """(.*?)"""', text, re.S).group(1)
             self.seen.append((o1, o2))
             out.append(self.decide(o1, o2))
         return out
