@@ -81,12 +81,16 @@ class Context:
         return self.work / "run" / "models"
 
     def profile(self):
-        """The smoke profile on this device, bf16 as a GPU profile would run it (the CPU ignores bf16 in
-        training, as ``training.common_args`` does for every CPU profile)."""
+        """The smoke profile on this device, in bf16 on a GPU as a GPU profile would run it."""
         from autorule_lib.config import load_profile
 
         p = load_profile("smoke")
-        p.device, p.precision = self.device, "bf16"
+        # bf16 on the GPU; the CPU rehearsal keeps fp32, where bf16 matrix products are only slow
+        p.device, p.precision = self.device, "bf16" if self.device == "cuda" else "fp32"
+        if self.quick:  # the rehearsal: fewer steps, the same calls
+            p.sft = dataclasses.replace(p.sft, max_steps=2, save_steps=2)
+            p.reward_model = dataclasses.replace(p.reward_model, max_steps=2, save_steps=2)
+            p.grpo = dataclasses.replace(p.grpo, max_steps=1)
         return p
 
     def sync(self) -> None:
@@ -137,10 +141,14 @@ def machine() -> dict:
     for pkg in ("torch", "transformers", "accelerate", "trl", "datasets", "tokenizers", "pyarrow", "numpy"):
         with contextlib.suppress(md.PackageNotFoundError):
             versions[pkg] = md.version(pkg)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    try:  # the GPU machine gets a copy of the working tree, maybe without git or .git
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:
+        commit = ""
     return {"host": f"{platform.system()} {platform.release()}; CPU {cpu}, {os.cpu_count()} logical cores",
             "gpu": gpu, "cuda": torch.version.cuda or "none", "python": platform.python_version(),
-            "versions": versions, "commit": commit.stdout.strip() or "unknown (no git)"}
+            "versions": versions, "commit": commit or "unknown (no git there)"}
 
 
 def write_report(path: Path, parts: list[Part], ctx: Context, info: dict, total_s: float) -> None:
@@ -423,7 +431,8 @@ def _build(ctx: Context, cls, config, tok, path: Path):
             model = cls(config)
     finally:
         torch.set_default_dtype(torch.float32)
-    model.generation_config.pad_token_id = tok.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
     if path is not None:
         model.save_pretrained(str(path))
         tok.save_pretrained(str(path))
@@ -536,7 +545,8 @@ def part_grpo_breakdown(ctx: Context):
     _build(ctx, LlamaForSequenceClassification, rm_config, tok, rm_dir)
     judge = _build(ctx, LlamaForCausalLM, _llama_1b(ctx, tok, 3), tok, None).eval()
     # A random judge puts almost no mass on [[Yes]]/[[No]]: min_answer_mass 0 keeps every check scored.
-    vcfg = dataclasses.replace(profile.verifier, mode="fast", min_answer_mass=0.0, use_cache=False, batch_size=50)
+    vcfg = dataclasses.replace(profile.verifier, mode="fast", min_answer_mass=0.0, use_cache=False,
+                               batch_size=50 if ctx.quick else 100)  # rules of 2 or 4 responses per pass
     verifier = RuleVerifier(TransformersJudge(judge, tok), load_template("conversation_first", vcfg.concise_clause),
                             vcfg, "random-1b", "fast")
     clock = StepClock(ctx)
@@ -563,7 +573,7 @@ def part_grpo_breakdown(ctx: Context):
         raise PartFailed(f"no time recorded for {missing} (spans: {sorted(shares)})")
     fig = {"policy": "Llama-3.2-1B shape" if not ctx.quick else "quick shape", "rules (K)": len(RULES),
            "responses per step": prompts * gens, "max completion tokens": completion,
-           "mean completion tokens": lengths[-1] if lengths else "?", "verifier": "1B-shaped random judge, fast mode",
+           "mean completion tokens": lengths[-1] if lengths else "?", "verifier": f"{'quick-shaped' if ctx.quick else '1B-shaped'} random judge, fast mode",
            "steps timed": steps - 1, "seconds per step": round(per_step, 3), "peak device memory": peak_gib(ctx)}
     fig.update({f"share: {k}": f"{100 * v:.1f}%" for k, v in shares.items()})
     summary = f"{per_step:.2f} s/step; " + ", ".join(f"{k} {100 * shares[k]:.0f}%" for k in named)
@@ -580,6 +590,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny shapes (the CPU rehearsal)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.md"), help="results file")
     ap.add_argument("--work-dir", default=None, help="models and runs (default: a new temporary folder)")
+    ap.add_argument("--models-dir", default=None, help="reuse the tiny models built under this folder")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--inject-failure", choices=list(PARTS), default=None,
                     help="make this part fail at its start (tests that the next part still runs)")
@@ -595,6 +606,10 @@ def main(argv=None) -> int:
     if a.device == "cpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
     work = Path(a.work_dir or tempfile.mkdtemp(prefix="gpu-check-"))
+    if a.models_dir:  # tiny models built earlier (their build stamps make a changed recipe rebuild them)
+        (work / "run").mkdir(parents=True, exist_ok=True)
+        if not (work / "run" / "models").exists():
+            (work / "run" / "models").symlink_to(Path(a.models_dir).resolve(), target_is_directory=True)
     ctx = Context(a.device, a.quick, work, a.inject_failure)
     info = machine()
     print(f"gpu_check on {info['gpu']} ({info['host']}); "
