@@ -608,7 +608,8 @@ def main(argv=None) -> int:
     work = Path(a.work_dir or tempfile.mkdtemp(prefix="gpu-check-"))
     if a.models_dir:  # tiny models built earlier (their build stamps make a changed recipe rebuild them)
         (work / "run").mkdir(parents=True, exist_ok=True)
-        if not (work / "run" / "models").exists():
+        Path(a.models_dir).mkdir(parents=True, exist_ok=True)  # a link to nothing would stop every builder
+        if not (work / "run" / "models").is_symlink():
             (work / "run" / "models").symlink_to(Path(a.models_dir).resolve(), target_is_directory=True)
     ctx = Context(a.device, a.quick, work, a.inject_failure)
     info = machine()

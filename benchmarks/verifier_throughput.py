@@ -130,15 +130,16 @@ def load_judge(args, profile):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(str(ensure_tiny_models(profile, models_dir)["tokenizer"]))
-    # Llama-3-8B's shape; --quick-shape keeps its vocabulary and grouped-query ratio (4 query heads per kv
-    # head) at a width and depth a CPU runs in seconds, to rehearse this code path (benchmarks/gpu_check.py).
+    # Llama-3-8B's shape; --quick-shape keeps its grouped-query ratio (4 query heads per kv head) at a width,
+    # depth and vocabulary a CPU runs in seconds, to rehearse this code path (benchmarks/gpu_check.py).
     shape = (dict(hidden_size=64, intermediate_size=224, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=1) if args.quick_shape else
+                  num_key_value_heads=1, vocab_size=len(tok)) if args.quick_shape else
              dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=8))
-    config = LlamaConfig(vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                  num_key_value_heads=8, vocab_size=128256))
+    config = LlamaConfig(max_position_embeddings=8192, rope_theta=500000.0,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **shape)
-    torch.set_default_dtype(torch.bfloat16)  # build in bf16 directly: no 32 GB fp32 copy first
+    # bf16, built directly in it (no 32 GB fp32 copy first); a CPU rehearsal keeps fp32, which a CPU runs faster
+    torch.set_default_dtype(torch.bfloat16 if args.device == "cuda" else torch.float32)
     with torch.device(args.device):
         model = LlamaForCausalLM(config).eval()
     torch.set_default_dtype(torch.float32)
