@@ -408,7 +408,7 @@ def part_verifier_benchmark(ctx: Context):
 # ---------------------------------------------------------------- part 4: GRPO step-time breakdown
 
 def _llama_1b(ctx: Context, tok, seed: int):
-    """Llama-3.2-1B's shape (random weights, bf16); --quick: two narrow layers."""
+    """Llama-3.2-1B's shape (random weights, bf16, the tokenizer's vocabulary); --quick: two narrow layers."""
     import torch
     from transformers import LlamaConfig
 
@@ -537,6 +537,9 @@ def part_grpo_breakdown(ctx: Context):
 
     profile = prepared_run(ctx)
     tok = AutoTokenizer.from_pretrained(str(ctx.models_dir / "tiny-tokenizer"))
+    # Llama-3's vocabulary size. The tiny BPE has 1024 tokens; the others become added tokens ("<w1234>"), so
+    # that what the random policy samples decodes to text the judge and the RM read at the same token length.
+    tok.add_tokens([f"<w{i}>" for i in range(len(tok), 2048 if ctx.quick else 128256)])
     work = ctx.work / "grpo-1b"
     policy_dir, rm_dir = work / "policy", work / "rm"
     _build(ctx, LlamaForCausalLM, _llama_1b(ctx, tok, 1), tok, policy_dir)
