@@ -24,6 +24,9 @@ stops after ``[[Yes]]``/``[[No]]`` and its end-of-turn token, as a real verifier
 ``--model llama8b-random``: a Llama-3-8B-shaped model with random weights in bf16 on CUDA (the compute of
 the real verifier; needs a GPU). A random model never stops by itself, so its parity generation is capped
 at the length of the answer plus end token — the tokens a real verifier generates before stopping.
+``--conversation-tokens N`` lengthens every response until its conversation has N tokens (realistic judge
+prompts); ``--device cpu --quick-shape`` runs the llama8b-random path at two narrow layers in fp32, as
+the CPU rehearsal of ``benchmarks/gpu_check.py`` does.
 
 The last line reads ``fast_vs_parity_speedup=<x> prefix_reuse_speedup=<y>``.
 """
