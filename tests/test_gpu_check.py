@@ -119,3 +119,26 @@ def test_carried_wheels_requirements_are_checked_against_the_image(tmp_path):
     assert {r.name for _, r, _ in F.unmet([ds, trl], dict(image, transformers="4.40.0"))} == {"pyarrow", "dill",
                                                                                               "transformers"}
     assert F.unmet([ds, trl, dill], dict(image, pyarrow="24.0.0")) == []
+
+
+def test_checkpointing_argument_follows_the_installed_transformers(monkeypatch):
+    """Found by the rehearsal under the GPU image's transformers 5.17.0: it has no `activation_checkpointing`
+    training argument (5.23.0 renamed `gradient_checkpointing`, keeping it as a deprecated alias)."""
+    import dataclasses as dc
+
+    from transformers import TrainingArguments
+
+    from autorule_lib import training as T
+    from autorule_lib.config import load_profile
+
+    p = load_profile("smoke")
+    args = lambda: T.common_args(p, Path("/tmp/x"), learning_rate=1e-4, warmup_ratio=0.0, max_grad_norm=1.0,  # noqa: E731
+                                 max_steps=1, save_steps=1, gradient_checkpointing=True)
+    installed = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+        else "gradient_checkpointing"
+    assert installed in args()
+    old = {k: v for k, v in TrainingArguments.__dataclass_fields__.items() if k != "activation_checkpointing"}
+    old.setdefault("gradient_checkpointing", dc.field(default=False))
+    monkeypatch.setattr(TrainingArguments, "__dataclass_fields__", old)
+    got = args()
+    assert "gradient_checkpointing" in got and "activation_checkpointing" not in got
