@@ -127,7 +127,7 @@ def fetch(dest: Path) -> int:
 
 def install_fallbacks(dest: Path, target: str) -> int:
     """There: install the fallback wheels whose package the image lacks or has in an unsuitable version."""
-    installed = {d.metadata["Name"]: d.version for d in importlib.metadata.distributions()}
+    installed = {d.metadata["Name"]: d.version for d in importlib.metadata.distributions() if d.metadata["Name"]}
     wheels = sorted(dest.glob("*.whl"))
     fallbacks = {_norm(w.name.split("-")[0]): w for w in (dest / "fallback").glob("*.whl")}
     need = {}
