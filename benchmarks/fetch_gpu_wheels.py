@@ -73,8 +73,12 @@ def _norm(name: str) -> str:
 def unmet(wheels, installed) -> list[tuple]:
     """(wheel file name, packaging Requirement, installed version or None) for each requirement of ``wheels`` that the
     ``installed`` versions (name -> version) do not satisfy; the carried wheels count as installed."""
-    from packaging.requirements import Requirement
-    from packaging.utils import parse_wheel_filename
+    try:
+        from packaging.requirements import Requirement
+        from packaging.utils import parse_wheel_filename
+    except ImportError:  # a bare Python: pip carries its own copy
+        from pip._vendor.packaging.requirements import Requirement
+        from pip._vendor.packaging.utils import parse_wheel_filename
 
     have = {_norm(k): v for k, v in installed.items()}
     for w in wheels:
