@@ -82,9 +82,18 @@ def common_args(profile: Profile, out_dir: Path, *, learning_rate: float, warmup
         warmup_steps=warmup_ratio, max_grad_norm=max_grad_norm, max_steps=max_steps, save_strategy="steps",
         save_steps=save_steps, logging_steps=1, seed=profile.seed, report_to=profile.report_to,
         adam_beta1=betas[0], adam_beta2=betas[1], bf16=profile.precision == "bf16" and not cpu,
-        use_cpu=cpu, dataloader_pin_memory=not cpu, activation_checkpointing=gradient_checkpointing and not cpu,
+        use_cpu=cpu, dataloader_pin_memory=not cpu, **{_checkpointing_key(): gradient_checkpointing and not cpu},
         save_only_model=save_only_model, save_total_limit=save_total_limit, disable_tqdm=True,
     )
+
+
+def _checkpointing_key() -> str:
+    """transformers renamed ``gradient_checkpointing`` to ``activation_checkpointing`` after 5.17 (the GPU
+    machine's version, which has only the old name; newer ones keep it as a deprecated alias)."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
 
 
 # ---------------------------------------------------------------- stage bookkeeping

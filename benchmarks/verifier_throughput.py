@@ -24,6 +24,9 @@ stops after ``[[Yes]]``/``[[No]]`` and its end-of-turn token, as a real verifier
 ``--model llama8b-random``: a Llama-3-8B-shaped model with random weights in bf16 on CUDA (the compute of
 the real verifier; needs a GPU). A random model never stops by itself, so its parity generation is capped
 at the length of the answer plus end token — the tokens a real verifier generates before stopping.
+``--conversation-tokens N`` lengthens every response until its conversation has N tokens (realistic judge
+prompts); ``--device cpu --quick-shape`` runs the llama8b-random path at two narrow layers in fp32, as
+the CPU rehearsal of ``benchmarks/gpu_check.py`` does.
 
 The last line reads ``fast_vs_parity_speedup=<x> prefix_reuse_speedup=<y>``.
 """
@@ -87,16 +90,27 @@ def machine() -> str:
             f"{torch.get_num_threads()}; GPU {gpu}; python {platform.python_version()}, torch {torch.__version__}")
 
 
-def conversations(profile, tokenizer, n: int, max_tokens: int) -> list[str]:
-    """The first ``n`` UltraFeedback test conversations (chosen and rejected) under ``max_tokens`` tokens."""
+def conversations(profile, tokenizer, n: int, max_tokens: int, target_tokens: int = 0) -> list[str]:
+    """The first ``n`` UltraFeedback test conversations (chosen and rejected) under ``max_tokens`` tokens.
+
+    With ``target_tokens``, each response is lengthened with the text of other fixture responses until its
+    conversation has at least that many tokens (the fixtures' are short; the paper's judge sees responses of
+    up to ~500 Llama-3 tokens), and ``max_tokens`` is not applied."""
     from autorule_lib.data import load_source
 
+    rows = load_source(profile.data.ultrafeedback_source, ["test_prefs"])["test_prefs"]
+    filler = [row[side][1]["content"] for row in rows for side in ("chosen", "rejected") if row[side][1]["content"]]
+    count = lambda msgs: len(tokenizer(messages_conversation(msgs))["input_ids"])  # noqa: E731
     out = []
-    for row in load_source(profile.data.ultrafeedback_source, ["test_prefs"])["test_prefs"]:
+    for row in rows:
         for side in ("chosen", "rejected"):
-            conv = messages_conversation(row[side][:2])
-            if len(tokenizer(conv)["input_ids"]) < max_tokens and len(out) < n:
-                out.append(conv)
+            msgs = [dict(m) for m in row[side][:2]]
+            k = 0
+            while target_tokens and count(msgs) < target_tokens:
+                msgs[1]["content"] += "\n\n" + filler[k % len(filler)]
+                k += 1
+            if (target_tokens or count(msgs) < max_tokens) and len(out) < n:
+                out.append(messages_conversation(msgs))
     return out
 
 
@@ -114,16 +128,22 @@ def load_judge(args, profile):
         torch.set_num_threads(args.threads or torch.get_num_threads())
         model, tok = load_local_judge(str(ensure_tiny_verifier(profile, models_dir)), profile)
         return TransformersJudge(model, tok), profile.verifier.max_new_tokens
-    if not torch.cuda.is_available():
-        sys.exit("--model llama8b-random needs a CUDA GPU")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--model llama8b-random needs a CUDA GPU (or --device cpu with --quick-shape)")
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(str(ensure_tiny_models(profile, models_dir)["tokenizer"]))
-    config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                         rope_theta=500000.0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.set_default_dtype(torch.bfloat16)  # build in bf16 directly: no 32 GB fp32 copy first
-    with torch.device("cuda"):
+    # Llama-3-8B's shape; --quick-shape keeps its grouped-query ratio (4 query heads per kv head) at a width,
+    # depth and vocabulary a CPU runs in seconds, to rehearse this code path (benchmarks/gpu_check.py).
+    shape = (dict(hidden_size=64, intermediate_size=224, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=1, vocab_size=len(tok)) if args.quick_shape else
+             dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=8, vocab_size=128256))
+    config = LlamaConfig(max_position_embeddings=8192, rope_theta=500000.0,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **shape)
+    # bf16, built directly in it (no 32 GB fp32 copy first); a CPU rehearsal keeps fp32, which a CPU runs faster
+    torch.set_default_dtype(torch.bfloat16 if args.device == "cuda" else torch.float32)
+    with torch.device(args.device):
         model = LlamaForCausalLM(config).eval()
     torch.set_default_dtype(torch.float32)
     answer_len = len(tok(YES + "<|eot_id|>", add_special_tokens=False)["input_ids"])
@@ -180,6 +200,11 @@ def main(argv=None) -> int:
     ap.add_argument("--models-dir", default=None, help="where tiny models are built/reused (default: a temp dir)")
     ap.add_argument("--conversations", type=int, default=8, help="responses judged (each under all 25 rules)")
     ap.add_argument("--max-conversation-tokens", type=int, default=500)
+    ap.add_argument("--conversation-tokens", type=int, default=0,
+                    help="lengthen every response until its conversation has at least this many tokens (0: as is)")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="device of --model llama8b-random")
+    ap.add_argument("--quick-shape", action="store_true",
+                    help="--model llama8b-random at a few narrow layers (a CPU rehearsal of this path)")
     ap.add_argument("--batch-sizes", default="8,16,25,50",
                     help="prompts per forward/generation batch; every mode is timed at each and keeps its best")
     ap.add_argument("--repeats", type=int, default=5)
@@ -193,10 +218,11 @@ def main(argv=None) -> int:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     cfg = dataclasses.replace(profile.verifier, max_new_tokens=max_new_tokens, min_answer_mass=0.0,
                               use_cache=False, truncate_prompt_tokens=None)
-    convs = conversations(profile, backend.tok, args.conversations, args.max_conversation_tokens)
+    convs = conversations(profile, backend.tok, args.conversations, args.max_conversation_tokens,
+                          args.conversation_tokens)
     checks = len(convs) * len(RULES)
     print(f"machine: {machine()}")
-    print(f"judge: {args.model}; {len(convs)} responses x K={len(RULES)} rules = {checks} checks per run; "
+    print(f"judge: {args.model}{' (quick shape)' if args.quick_shape else ''}; {len(convs)} responses x K={len(RULES)} rules = {checks} checks per run; "
           f"parity max_new_tokens {max_new_tokens}; median of {args.repeats} runs; best of batch sizes {batch_sizes}")
     print(f"judge-prompt tokens (conversation_first): {token_counts(backend.tok, convs)}")
 
