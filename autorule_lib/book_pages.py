@@ -28,10 +28,9 @@ LOCAL_ROOTS = ("work", "home", "root", "tmp", "mnt", "srv", "opt", "var", "usr",
 ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~<>-])/(?:" + "|".join(LOCAL_ROOTS) + r")/[\w.+-]+")
 
 SMOKE_BANNER = (
-    "<b>Smoke run: how to read these numbers.</b> Tiny locally built models (a few thousand parameters), "
-    "hand-written fixture data and a tiny judge. A number here shows that the pipeline ran and which way "
-    "training moved each model on its own reward; it says nothing about how well AutoRule works. "
-    "The results chapter ends with the sanity checks this run had to pass.")
+    "<b>Smoke run: how to read these numbers.</b> Tiny local models and fixture data: a number shows that the "
+    "pipeline ran and which way each reward moved its model, not how well AutoRule works. The results chapter "
+    "ends with this run's sanity checks.")
 
 
 def replacements(run_dir: Path) -> list[tuple[str, str]]:

@@ -61,10 +61,13 @@ class Chromium:
             r, w = os.dup(to_browser_r), os.dup(from_browser_w)  # out of the way of 3 and 4 first
             os.dup2(r, 3)
             os.dup2(w, 4)
+            for fd in (3, 4):  # dup2 onto itself keeps close-on-exec
+                os.set_inheritable(fd, True)
 
-        # pass_fds keeps 3 and 4 open in the child: Popen closes the others after preexec_fn has run
+        # close_fds=False: Popen would close 3 and 4 after preexec_fn; os.pipe's own ends are not
+        # inheritable and close at exec, the dup2 copies are and stay open
         self.proc = subprocess.Popen([binary, *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}"],
-                                     pass_fds=(3, 4), preexec_fn=child_fds,
+                                     close_fds=False, preexec_fn=child_fds,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(to_browser_r)
         os.close(from_browser_w)
