@@ -307,7 +307,7 @@ def test_smoke_book_in_the_browser(browser, smoke_book):
     run_dir, html = smoke_book
     local = [str(run_dir.resolve()), str(PROJECT_ROOT)]
     assert check_book(browser, html, local) == []
-    assert search_works(browser, html, "AutoRule") >= 3
+    assert search_works(browser, html, "AutoRule") >= 1
     shots = run_dir / "book" / "screenshots"
     for name, page in (("intro", html / "intro.html"), ("grpo", html / "chapters" / "06_grpo.html"),
                        ("results", html / "chapters" / "09_results.html")):
