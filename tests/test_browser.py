@@ -315,3 +315,26 @@ def test_smoke_book_in_the_browser(browser, smoke_book):
         if name == "results":  # the sanity-check table, at the end of the chapter
             browser.js("document.getElementById('sanity-checks')?.scrollIntoView()")
         assert browser.screenshot(shots / f"{name}.png").stat().st_size > 10_000
+
+
+# Without a browser: the page preparation itself ------------------------------------------------------
+
+def test_prepare_notebook_hides_parameters_and_relativizes_paths(tmp_path):
+    from autorule_lib.book_pages import prepare_notebook
+
+    run_dir = small_run(tmp_path / "run")
+    out = tmp_path / "page.ipynb"
+    prepare_notebook(run_dir / "notebooks" / "00_overview.ipynb", out, run_dir)
+    nb = nbformat.read(out, as_version=4)
+    plumbing = [c for c in nb.cells if {"parameters", "injected-parameters"} & set(c.metadata.get("tags", []))]
+    assert len(plumbing) == 2 and all("remove-cell" in c.metadata["tags"] for c in plumbing)
+    assert 'profile = "profile.yaml"' in plumbing[1].source  # the injected path, relative to the run
+    text = out.read_text()
+    assert str(run_dir.resolve()) not in text and absolute_paths(text) == []
+    assert "artifacts/07_evaluation/responses/0.jsonl" in text and "run dir <run dir>" in text
+
+
+def test_absolute_path_finder():
+    assert absolute_paths("see /home/alice/runs/x and /work/wt/runs") == ["/home/alice", "/work/wt"]
+    assert absolute_paths("<project>/.venv/lib and ~/.cache and https://example.org/home/x") == []
+    assert absolute_paths("artifacts/04_sft/model, a/b/c") == []
