@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from . import book_pages
 from .artifacts import read_json
 from .config import PROJECT_ROOT
 from .redaction import scrub_tree
@@ -53,8 +54,10 @@ def build_book(run_dir: str | Path, profile=None) -> Path:
     shutil.rmtree(src, ignore_errors=True)
     shutil.copytree(BOOK_DIR, src, ignore=shutil.ignore_patterns("_build", "_toc.yml"))
     (src / "chapters").mkdir(exist_ok=True)
-    for nb in executed:
-        shutil.copy2(nb, src / "chapters" / nb.name)
+    for nb in executed:  # plumbing cells removed, paths relative to the run (book_pages)
+        book_pages.prepare_notebook(nb, src / "chapters" / nb.name, run_dir)
+    config = book_pages.book_config(yaml.safe_load((src / "_config.yml").read_text()), _is_smoke_run(run_dir))
+    (src / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
     toc = {"format": "jb-book", "root": "intro",
            "chapters": [{"file": f"chapters/{nb.stem}"} for nb in executed] + [{"file": "run_manifest"}]}
     (src / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
@@ -68,10 +71,19 @@ def build_book(run_dir: str | Path, profile=None) -> Path:
     if proc.returncode != 0:
         raise RuntimeError(f"jupyter-book build failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     scrub_tree(out)
+    book_pages.relativize_tree(out / "_build", run_dir)
     index = out / "_build" / "html" / "index.html"
     if not index.exists():
         raise RuntimeError(f"jupyter-book reported success but {index} is missing")
     return index
+
+
+def _is_smoke_run(run_dir: Path) -> bool:
+    """``results.is_smoke`` on the run's frozen profile, read as plain YAML: the book of a finished run
+    builds even where the profile's local data folders are gone."""
+    frozen = run_dir / "profile.yaml"
+    data = yaml.safe_load(frozen.read_text()) if frozen.exists() else {}
+    return data.get("name") == "smoke" or (data.get("models") or {}).get("policy") == "tiny"
 
 
 def _manifest_page(manifest: dict, failed: list[str]) -> str:

@@ -54,3 +54,41 @@ def models_dir(request, tmp_path_factory):
     recipe, tokenizer and prompts)."""
     cache = getattr(request.config, "cache", None)
     return cache.mkdir("autorule-tiny-models") if cache else tmp_path_factory.mktemp("models")
+
+
+FAKE_SECRETS = {"HF_TOKEN": "hf_FAKEtokenVALUE123456", "AWS_SECRET_ACCESS_KEY": "fakeAwsSecretKEY987654321",
+                "WANDB_API_KEY": "fakeWandbKey0123456789", "OPENAI_API_KEY": "sk-fakeOpenAIkey55555"}
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """The whole smoke book executed once per session (several minutes), with fake secrets in the
+    environment; shared by the end-to-end test and the browser test. Returns (run_dir, env, result)."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path_factory.mktemp("smoke_run")
+    env = {**os.environ, **FAKE_SECRETS}
+    result = subprocess.run([sys.executable, "-m", "autorule_lib.cli", "run", "--profile", "smoke", "--output-dir",
+                             str(run_dir)], env=env, capture_output=True, text=True, timeout=900)
+    return run_dir, env, result
+
+
+@pytest.fixture(scope="session")
+def smoke_book(request):
+    """(run_dir, html folder) of the smoke book; ``AUTORULE_BOOK_RUN_DIR`` names an already built run instead."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    given = os.environ.get("AUTORULE_BOOK_RUN_DIR")
+    if given:
+        html = Path(given) / "book" / "_build" / "html"
+        assert (html / "index.html").exists(), f"AUTORULE_BOOK_RUN_DIR={given}: no built book (autorule book)"
+        return Path(given), html
+    run_dir, env, result = request.getfixturevalue("smoke_run")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    book = subprocess.run([sys.executable, "-m", "autorule_lib.cli", "book", "--profile", "smoke", "--output-dir",
+                           str(run_dir)], env=env, capture_output=True, text=True, timeout=600)
+    assert book.returncode == 0, book.stdout[-3000:] + book.stderr[-3000:]
+    return run_dir, run_dir / "book" / "_build" / "html"

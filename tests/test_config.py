@@ -58,7 +58,7 @@ def test_user_profile_extends_and_resolves_relative_to_itself(tmp_path):
     p = load_profile(write(tmp_path, "extends: smoke\nname: mine\ndata: {ultrafeedback_source: ./mydata}\n"))
     assert p.name == "mine" and p.data.ultrafeedback_source == str(tmp_path / "mydata")
     assert p.models.policy == "tiny"  # inherited
-    assert p.sft.adam_beta2 == 0.95 and p.sft.max_steps == 4  # from paper through smoke, and from smoke
+    assert p.sft.adam_beta2 == 0.95 and p.sft.max_steps == 40  # from paper through smoke, and from smoke
 
 
 def test_hash_tracks_values_not_layout(tmp_path):

@@ -10,8 +10,6 @@ import pytest
 from autorule_lib.runner import NOTEBOOKS_DIR, discover_stages
 
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
-FAKE_SECRETS = {"HF_TOKEN": "hf_FAKEtokenVALUE123456", "AWS_SECRET_ACCESS_KEY": "fakeAwsSecretKEY987654321",
-                "WANDB_API_KEY": "fakeWandbKey0123456789", "OPENAI_API_KEY": "sk-fakeOpenAIkey55555"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -31,11 +29,11 @@ def test_stages_are_numbered_in_order():
 
 
 @pytest.mark.slow
-def test_smoke_book_end_to_end_without_leaking_secrets(tmp_path):
-    env = {**os.environ, **FAKE_SECRETS}
+def test_smoke_book_end_to_end_without_leaking_secrets(smoke_run):
+    from conftest import FAKE_SECRETS
+
+    tmp_path, env, run = smoke_run  # the whole book, run once per session (conftest)
     autorule = [sys.executable, "-m", "autorule_lib.cli"]
-    run = subprocess.run(autorule + ["run", "--profile", "smoke", "--output-dir", str(tmp_path)], env=env,
-                         capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert {s.name for s in discover_stages()} <= set(manifest["stages"])
