@@ -16,15 +16,17 @@ TORCH_INDEX_URL ?=
 # Extras to install; a GPU node adds vLLM and DeepSpeed with EXTRAS=notebooks,eval,dev,gpu
 # (needs an NVIDIA driver for CUDA 13, R580 or newer; see README, "Install").
 EXTRAS ?= notebooks,eval,dev
+# The pinned set; GPU nodes with a CUDA 12 driver (older than R580): CONSTRAINTS=constraints-cuda12.txt
+CONSTRAINTS ?= constraints.txt
 TORCH_INDEX_ARGS := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 
 # torch first, alone, so TORCH_INDEX_URL applies to it and to nothing else; the build tag (+cpu,
-# +cu130, none) is reported, never checked: every build of 2.13.0 satisfies the constraints.
-$(STAMP): pyproject.toml constraints.txt
+# +cu130, none) is reported, never checked: every build of the pinned version satisfies the constraints.
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt $(TORCH_INDEX_ARGS) torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
+	$(PY) -m pip install -q -c $(CONSTRAINTS) $(TORCH_INDEX_ARGS) torch
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[$(EXTRAS)]'
 	$(PY) -m ipykernel install --sys-prefix --name autorule --display-name "AutoRule Book (.venv)" >/dev/null
 	$(PY) -c "import torch; print('torch', torch.__version__, '| CUDA available:', torch.cuda.is_available())"
 	touch $@
