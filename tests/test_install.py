@@ -33,7 +33,7 @@ def test_setup_never_fails_on_the_torch_build(tmp_path):
     fake.mkdir()
     (fake / "__init__.py").write_text("__version__ = '2.13.0+cu130'\n"
                                       "class cuda:\n    is_available = staticmethod(lambda: False)\n")
-    code = shlex.split(check[0])[2:]  # [-c, CODE]
+    code = shlex.split(check[0])[1:]  # [-c, CODE]
     run = subprocess.run([sys.executable, *code], capture_output=True, text=True, env={"PYTHONPATH": str(tmp_path)})
     assert run.returncode == 0, run.stderr
     assert "torch 2.13.0+cu130" in run.stdout and "CUDA available: False" in run.stdout

@@ -106,7 +106,9 @@ def test_one_node_with_vllm_servers(tmp_path):
 def test_two_nodes(tmp_path):
     out, files = rendered(tmp_path, nodes=2, gpus_per_node=8, partition="gpu", cpu_partition="cpu",
                           account="proj", sbatch_args=["--qos=high"])
-    for key in ("04_sft", "05_reward_model", "06_grpo"):
+    # the paper's verifier server is reached at localhost: its GRPO job stays on one node (see below)
+    assert sbatch_opts(files["06_grpo.sbatch"])["nodes"] == "1"
+    for key in ("04_sft", "05_reward_model"):
         text = files[f"{key}.sbatch"]
         o = sbatch_opts(text)
         assert (o["nodes"], o["gres"], o["partition"], o["account"], o["qos"]) == ("2", "gpu:8", "gpu", "proj", "high")
