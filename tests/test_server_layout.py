@@ -225,6 +225,10 @@ def test_smoke_chapters_03_to_06_under_the_server_layout(tmp_path, smoke, models
         assert agreement["mode_agreement"] == {}  # skipped, not failed
         stats = agreement["verifier_stats"]["main"]
         assert stats["model_checks"] > 0 and stats.get("yes", 0) + stats.get("no", 0) > 0
+        # chapter 06's rule reward called the server too: it answered more requests than chapter 03 made
+        served = (tmp_path / "serve.log").read_text().count("[Request received]")
+        assert served > stats["model_checks"]
+        assert (out / "artifacts" / "06_grpo" / "autorule_uf").is_dir()
         if nb03 is not None:
             text = json.dumps(nb03)
             assert "Skipped: backend 'api' only generates" in text
