@@ -239,3 +239,30 @@ def test_smoke_chapters_03_to_06_under_the_server_layout(tmp_path, smoke, models
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+@pytest.mark.slow
+def test_chapter_03_with_a_served_tiny_verifier_name(tmp_path):
+    """`models.verifier: tiny` with an API backend: chapter 03 used to read the local tiny verifier's record
+    (FileNotFoundError, nothing is built locally in this layout); now it says where the verifier is served."""
+    def respond(body):
+        text = body["messages"][-1]["content"]
+        verdict = "[[Yes]]" if hash(text) % 2 else "[[No]]"
+        return 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": verdict},
+                                  "finish_reason": "stop"}], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}, {}
+
+    with LoopbackChatServer(respond, max_requests=5000, lifetime_s=1200) as server:
+        profile = tmp_path / "served_tiny.yaml"
+        profile.write_text(yaml.safe_dump({"extends": "smoke", "name": "served_tiny",
+                                           "verifier": {"backend": "openai", "api_base_url": server.url}}))
+        env = {**os.environ, "OPENAI_API_KEY": "unused", "no_proxy": "127.0.0.1,localhost",
+               "NO_PROXY": "127.0.0.1,localhost", "PYTHONHASHSEED": "0"}
+        out = tmp_path / "run"
+        run = subprocess.run([sys.executable, "-m", "autorule_lib.cli", "run", "--profile", str(profile),
+                              "--output-dir", str(out), "--only", "00,01,02,03"], env=env, capture_output=True,
+                             text=True, timeout=1200)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert server.hits > 0
+    assert not (out / "models" / "tiny-verifier-trained").exists()  # nothing local was built or read
+    text = next((out / "notebooks").glob("03_*.ipynb")).read_text()
+    assert "tiny verifier served at" in text and "Skipped: backend 'api' only generates" in text
