@@ -120,7 +120,7 @@ class VerifierConfig:
     num_workers: int = _f(8, "Concurrent judge calls (API backends).")
     gpu_memory_utilization: float = _f(
         0.3, "Backend vllm: share of the GPU its engine may take beside the other models of the process "
-             "(vLLM's own default, 0.9, leaves nothing to them).")
+             "(vLLM 0.27.1's own default, 0.92, leaves nothing to them).")
     use_cache: bool = _f(True, "Keep verdicts in the run's persistent verdict cache (cache/verdicts.sqlite).")
 
 

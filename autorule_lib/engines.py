@@ -2,7 +2,7 @@
 
 Why: the evaluation chapters load, one after the other, the checkpoint being sampled (a vLLM engine
 or a transformers model), a local judge, the reward model, the verifier and alpaca_eval's own vLLM
-engine. A vLLM engine reserves a fixed share of the GPU when it starts (vLLM's default: 0.9) and keeps
+engine. A vLLM engine reserves a fixed share of the GPU when it starts (vLLM 0.27.1's default: 0.92) and keeps
 it until it is shut down, so an engine that is still held when the next one starts makes that one fail
 with "not enough free memory" — on a GPU only; on CPU nothing shows. The policy, in code so that a
 test can check it without a GPU:
