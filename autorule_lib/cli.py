@@ -110,7 +110,9 @@ def _cmd_slurm(args) -> int:
                    gpus_per_node=args.gpus_per_node, time=args.time, cpu_time=args.cpu_time,
                    cpus_per_gpu=args.cpus_per_gpu, policy_vllm_gpus=args.policy_vllm_gpus,
                    verifier_gpus=args.verifier_gpus, parallel_runs=args.parallel_runs, max_requeues=args.max_requeues,
-                   setup=args.setup or [], sbatch_args=args.sbatch_arg or [],
+                   setup=args.setup or [], sbatch_args=args.sbatch_arg or [], mem=args.mem,
+                   mem_per_gpu=args.mem_per_gpu, cpu_mem=args.cpu_mem, hf_home=args.hf_home,
+                   fetch_models=args.fetch_models,
                    only=[x for item in (args.only or []) for x in item.split(",") if x] or None)
     out = render(profile, opts, run_dir=args.run_dir, scripts_dir=args.output_dir,
                  templates_dir=args.templates or TEMPLATES_DIR)
@@ -195,6 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--parallel-runs", action="store_true",
                    help="one job per GRPO run and PPO, side by side, before the 06 notebook collects them")
     c.add_argument("--max-requeues", type=int, default=20, help="a job requeued more often than this fails")
+    c.add_argument("--mem", help="memory of every job (--mem; '0': the whole node); overrides the two below")
+    c.add_argument("--mem-per-gpu", default="96G", help="memory per GPU of GPU jobs (--mem-per-gpu)")
+    c.add_argument("--cpu-mem", default="32G", help="memory of CPU-only jobs (--mem)")
+    c.add_argument("--hf-home", help="shared Hugging Face cache every job exports (default: $HF_HOME, else "
+                   "<run dir>/hf_home)")
+    c.add_argument("--fetch-models", choices=["job", "done", "off"], default="job",
+                   help="job: a first job downloads the profile's models and data sets into --hf-home and the "
+                        "others run offline; done: you ran `python -m autorule_lib.slurm fetch-models`; off: "
+                        "every job downloads what it needs")
     c.add_argument("--setup", action="append", help="shell line run first in every job (repeatable), "
                    "e.g. 'module load cuda/12.4'")
     c.add_argument("--sbatch-arg", action="append", help="extra #SBATCH option (repeatable), e.g. --sbatch-arg=--qos=high")

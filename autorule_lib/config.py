@@ -107,7 +107,9 @@ class VerifierConfig:
     mode: Literal["parity", "fast"] = _f("parity", "Greedy generation as the paper, or next-token scoring.")
     layout: Literal["rule_first", "conversation_first"] = _f(
         "rule_first", "Prompt order; conversation_first lets rules share the cached conversation prefix.")
-    backend: Literal["transformers", "vllm", "openai", "bedrock"] = _f("vllm", "Where verdicts are computed.")
+    backend: Literal["transformers", "vllm", "vllm_server", "openai", "bedrock"] = _f(
+        "vllm", "Where verdicts are computed; vllm_server: a `vllm serve` of the verifier at api_base_url "
+        "(its /v1/completions: parity and fast mode, prefix cache shared by every training rank).")
     max_new_tokens: int = _f(1024, "Generation budget per verdict (parity mode).")
     concise_clause: bool = _f(True, "Ask whether the response complies 'and does so concisely' (newer variant).")
     truncate_prompt_tokens: Optional[int] = _f(None, "Right-truncate judge prompts (original quirk: 1024).")
@@ -121,6 +123,9 @@ class VerifierConfig:
     api_base_url: Optional[str] = _f(None, "OpenAI-compatible server URL (backend openai).")
     api_region: str = _f("us-east-1", "AWS region (backend bedrock).")
     num_workers: int = _f(8, "Concurrent judge calls (API backends).")
+    gpu_memory_utilization: float = _f(
+        0.3, "Backend vllm: share of the GPU its engine may take beside the other models of the process "
+             "(vLLM 0.27.1's own default, 0.92, leaves nothing to them).")
     use_cache: bool = _f(True, "Keep verdicts in the run's persistent verdict cache (cache/verdicts.sqlite).")
 
 
@@ -266,6 +271,9 @@ class EvaluationConfig:
     generation_batch_size: int = _f(16, "AlpacaEval seed settings.")
     generation_engine: Literal["auto", "transformers", "vllm"] = _f(
         "auto", "Evaluation generation: vLLM when importable and on GPU ('auto'), else transformers.")
+    vllm_gpu_memory_utilization: float = _f(
+        0.85, "Share of the GPU a vLLM engine of the evaluation chapters takes (generation, alpaca_eval, a local "
+              "judge); every other model is released before one starts (autorule_lib.engines).")
     judge_mode: Literal["generate", "likelihood"] = _f(
         "generate", "'generate': the judge writes an answer that is parsed safely; 'likelihood': a local judge "
         "scores the admissible answers (the two rankings; the ratings 1-10) and the likeliest is its verdict.")

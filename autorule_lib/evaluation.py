@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import alpaca, mt_bench, winrate
+from . import alpaca, engines, mt_bench, winrate
 from .artifacts import require, write_json
 from .cache import ResponseCache
 from .checkpoints import Method, all_methods
@@ -41,6 +41,7 @@ class Evaluator:
     def __init__(self, ctx, two_episode: bool = False):
         self.ctx, self.profile, self.cfg = ctx, ctx.profile, ctx.profile.evaluation
         self.device = device_kind(self.profile)
+        engines.configure(self.profile)  # the vLLM share of this chapter's engines
         self.cache = ResponseCache(ctx.run_dir / "cache" / "evaluation.sqlite")  # shared by chapters 07 and 08
         self.settings = GenerationSettings.from_profile(self.profile)
         self.methods = all_methods(ctx, two_episode)

@@ -445,7 +445,7 @@ def extract_rules(profile: Profile, dataset: str, rows: list[dict], output_dir: 
     if not examples:
         raise ExtractionError(f"{dataset}: no examples to explain in {source or 'the given rows'} ({split})")
     info["source"] = source
-    client = client or make_client(cfg)
+    client = client or make_client(cfg, device=_profile_device(profile))  # a local extractor runs on the profile's device
     cache = ResponseCache(cache_path or Path(output_dir) / "llm_cache.sqlite")
     return run_extraction(examples, client, output_dir, profile, dataset=dataset, cfg=cfg, cache=cache,
                           sample_info=info, progress=progress)
@@ -459,6 +459,12 @@ def uf_sample_pool(profile: Profile, data_dir: str | Path) -> tuple[str, str]:
     if profile.extraction.uf_sample_pool == "filtered":
         return str(Path(data_dir) / "sets"), "rm_train"
     return str(Path(data_dir) / "processed"), "train_prefs"
+
+
+def _profile_device(profile: Profile) -> str:
+    from .verifier import resolve_device
+
+    return resolve_device(profile)
 
 
 def extract_rules_from_source(profile: Profile, dataset: str, source: str, output_dir: str | Path, *,

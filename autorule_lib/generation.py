@@ -105,27 +105,28 @@ _LOADED: dict[tuple, object] = {}
 
 
 def _loaded(kind: str, path: str, tokenizer: str, device: str, dtype: str, seed: int):
+    from . import engines
+
     key = (kind, str(Path(path).resolve()), str(tokenizer), device, dtype, checkpoint_id(path))
     if key not in _LOADED:
         release()  # free the previous model before the next one loads
+        engines.make_room("generation")  # and every other model of the process (judge, RM, verifier, alpaca_eval)
         _LOADED[key] = (_load_vllm(path, tokenizer, dtype, seed) if kind == "vllm"
                         else load_causal_lm(path, device, dtype, tokenizer))
+        engines.register("generation", release)
     return _LOADED[key]
 
 
 def release() -> None:
     """Drop the model kept in memory (the chapters call this when they are done generating)."""
-    import gc
+    from . import engines
 
+    for kind, model in [(k[0], v[1]) for k, v in _LOADED.items()]:
+        if kind == "vllm":  # its engine core is a child process holding the GPU share: stop it now
+            engines.shutdown_vllm(model)
     _LOADED.clear()
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
+    engines.forget("generation")
+    engines.free_accelerator_memory()
 
 
 def load_causal_lm(path: str, device: str, dtype: str, tokenizer: str | None = None):
@@ -174,8 +175,11 @@ def _load_vllm(path: str, tokenizer: str, dtype: str, seed: int):
     from transformers import AutoTokenizer
     from vllm import LLM
 
+    from .engines import eval_vllm_kwargs
+
     return (AutoTokenizer.from_pretrained(tokenizer),
-            LLM(model=path, tokenizer=tokenizer, dtype="bfloat16" if dtype == "bf16" else "float32", seed=seed))
+            LLM(model=path, tokenizer=tokenizer, dtype="bfloat16" if dtype == "bf16" else "float32", seed=seed,
+                **eval_vllm_kwargs()))
 
 
 def _generate_vllm(path: str, prompts: list[str], settings: GenerationSettings, *, device: str,

@@ -94,11 +94,19 @@ class LikelihoodJudge:
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
+            from . import engines
+
+            engines.make_room("judge")
             tok = AutoTokenizer.from_pretrained(self.model_path)
             torch_dtype = torch.bfloat16 if self.dtype == "bf16" and self.device != "cpu" else torch.float32
             model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch_dtype).to(self.device).eval()
             self._loaded = (tok, model)
+            engines.register("judge", self.release)
         return self._loaded
+
+    def release(self) -> None:
+        """Drop the model (engines.make_room calls this before another model loads); it reloads when next used."""
+        self._loaded = None
 
     def score(self, messages: list[dict], candidates: list[str]) -> list[float]:
         """Log-likelihood of each candidate as the judge's whole answer to ``messages``."""
@@ -150,7 +158,8 @@ def make_judge(profile, models_dir: str | Path, cache: ResponseCache | None, dev
         _ClientSettings(llm=ev.judge_llm, model=model, region=ev.judge_region, base_url=ev.judge_base_url,
                         api_key_env=ev.judge_api_key_env, replay_file=ev.judge_replay_file,
                         temperature=ev.judge_temperature, max_tokens=ev.judge_max_tokens,
-                        max_retries=profile.extraction.max_retries),
+                        max_retries=profile.extraction.max_retries,
+                        gpu_memory_utilization=ev.vllm_gpu_memory_utilization),
         device=device)
     return GeneratingJudge(client, cache, ev.judge_temperature, ev.judge_max_tokens,
                            ev.judge_num_proc if ev.judge_llm != "local" else 1)
@@ -169,3 +178,4 @@ class _ClientSettings:
     max_tokens: int
     max_retries: int
     read_timeout_s: int = 900
+    gpu_memory_utilization: float = 0.85  # a local judge on vLLM: its share (engines.vllm_kwargs)

@@ -310,14 +310,26 @@ class LocalClient(BaseClient):
 
     provider = "local"
 
-    def __init__(self, model: str, device: str = "cpu", engine: str = "auto", **base):
+    def __init__(self, model: str, device: str = "cpu", engine: str = "auto", gpu_memory_utilization: float = 0.85,
+                 **base):
         super().__init__(model, **base)
-        self.device, self.engine = device, engine
+        self.device, self.engine, self.gpu_memory_utilization = device, engine, gpu_memory_utilization
         self._lock = threading.Lock()  # one generate at a time: the model is not re-entrant
         self._loaded = None
 
+    def release(self) -> None:
+        """Drop the model (``engines.make_room`` calls this before another model loads); reloaded when next used."""
+        from . import engines
+
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None and loaded[0] == "vllm":
+            engines.shutdown_vllm(loaded[1])
+
     def _load(self):
         if self._loaded is None:
+            from . import engines
+
+            engines.make_room(f"local:{self.model}")
             use_vllm = self.engine == "vllm"
             if self.engine == "auto":
                 try:
@@ -328,13 +340,15 @@ class LocalClient(BaseClient):
             if use_vllm:
                 from vllm import LLM
 
-                self._loaded = ("vllm", LLM(model=self.model, enable_prefix_caching=True))
+                self._loaded = ("vllm", LLM(model=self.model, enable_prefix_caching=True,
+                                            **engines.vllm_kwargs(self.gpu_memory_utilization)))
             else:
                 from transformers import AutoModelForCausalLM, AutoTokenizer
 
                 tok = AutoTokenizer.from_pretrained(self.model)
                 model = AutoModelForCausalLM.from_pretrained(self.model).to(self.device).eval()
                 self._loaded = ("transformers", (tok, model))
+            engines.register(f"local:{self.model}", self.release)
         return self._loaded
 
     def _call(self, messages, params):
@@ -444,14 +458,23 @@ def make_client(cfg, *, llm: str | None = None, model: str | None = None, base_u
     if kind == "openai":
         return OpenAICompatibleClient(model, base_url or get("base_url"), api_key_env=get("api_key_env", "OPENAI_API_KEY"),
                                       read_timeout_s=get("read_timeout_s", 900), **base)
-    if kind == "local":
-        return LocalClient(model, device=device or "cpu", **base)
+    if kind == "local":  # the caller's device (the profile's); without one, the GPU when there is one
+        return LocalClient(model, device=device or _default_device(),
+                           gpu_memory_utilization=get("gpu_memory_utilization", 0.85), **base)
     if kind == "replay":
         path = replay_file or get("replay_file")
         if not path:
             raise ValueError("the replay client needs a recordings file (extraction.replay_file)")
         return ReplayClient(path, **base)
     raise ValueError(f"unknown LLM client {kind!r} (bedrock, openai, local, replay)")
+
+
+def _default_device() -> str:
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cache_parts(client: LLMClient, messages: list[dict], params: dict, sample_index: int = 0,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -33,16 +34,27 @@ class RMScores:
     """The training RM reward (``rewards.RMReward``): stage 5's RM, z-normalised with its frozen mu/sigma."""
 
     def __init__(self, ctx, device: str):
-        from .rewards import RMReward, load_rm_normalizer
-        from .training import RewardModelScorer
+        from .rewards import load_rm_normalizer
 
         folder = ctx.artifacts(RM_STAGE)
         self.path = require(folder / "model", RM_STAGE)
         self.mean, self.std = load_rm_normalizer(require(folder / "rm_normalization.json", RM_STAGE))
-        scorer = RewardModelScorer(self.path, ctx.profile.reward_model.pad_token, device=device)
-        self.reward = RMReward(scorer.score_texts, self.mean, self.std, scorer.tokenizer.eos_token)
+        self.pad_token, self.device = ctx.profile.reward_model.pad_token, device
+        self.reward = None  # loaded on first use, released before the next model (autorule_lib.engines)
+
+    def release(self) -> None:
+        self.reward = None
 
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        if self.reward is None:
+            from . import engines
+            from .rewards import RMReward
+            from .training import RewardModelScorer
+
+            engines.make_room("reward_model")
+            scorer = RewardModelScorer(self.path, self.pad_token, device=self.device)
+            self.reward = RMReward(scorer.score_texts, self.mean, self.std, scorer.tokenizer.eos_token)
+            engines.register("reward_model", self.release)
         return self.reward(prompts, responses)
 
 
@@ -56,7 +68,37 @@ class RuleScores:
 
         self.profile, self.rule_set = ctx.profile, rule_set
         self.rules = load_rules(ctx.run_dir, rule_set)
-        self.verifier = build_verifier(ctx.profile, ctx.models_dir, ctx.run_dir / "cache" / "verdicts.sqlite")
+        self._build = lambda: build_verifier(ctx.profile, ctx.models_dir, ctx.run_dir / "cache" / "verdicts.sqlite")
+        self._verifier = None
+        self._stats = Counter()  # counters of released verifiers
+        self.settings = self.verifier.describe()
+        if ctx.profile.verifier.backend in ("transformers", "vllm"):  # a model in this process: one at a time
+            self.release()
+
+    @property
+    def verifier(self):
+        if self._verifier is None:
+            from . import engines
+
+            local = self.profile.verifier.backend in ("transformers", "vllm")
+            if local:
+                engines.make_room("rule_verifier")
+            self._verifier = self._build()
+            if local:
+                engines.register("rule_verifier", self.release)
+        return self._verifier
+
+    def release(self) -> None:
+        if self._verifier is not None:
+            self._stats.update(self._verifier.stats)
+            release = getattr(self._verifier.backend, "release", None)
+            if release is not None:
+                release()
+        self._verifier = None
+
+    def stats(self) -> dict:
+        """Every check this rule reward made, across released and reloaded verifiers."""
+        return dict(self._stats + (self._verifier.stats if self._verifier is not None else Counter()))
 
     def __call__(self, prompts: list[str], responses: list[str]) -> list[dict]:
         from .rewards import rule_fraction, rule_reward_from_verdicts

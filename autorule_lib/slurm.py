@@ -16,9 +16,14 @@ these environment variables, read by ``training_stages.accelerate_command``:
 
 vLLM servers are started where the profile says a stage talks to one: ``trl vllm-serve`` for GRPO runs with
 ``use_vllm`` and ``vllm_mode: server`` (TRL's trainer looks for it at localhost:8000), and ``vllm serve`` of the
-verifier when ``verifier.backend: openai`` has an ``api_base_url`` on the job's own node (localhost). Both are
-addressed as localhost, so a job with servers runs on one node: servers on its first GPUs, the stage on the
-rest. (``verifier.backend: vllm`` is an engine inside each process, not a server: nothing is started for it.)
+verifier when ``verifier.backend`` is ``vllm_server`` (the paper profile's default) or ``openai`` with an
+``api_base_url`` on the job's own node (localhost). Both are addressed as localhost, so a job with servers runs
+on one node: servers on its first GPUs, the stage on the rest. (``verifier.backend: vllm`` is an engine inside
+the process, not a server: nothing is started for it, and a multi-process launch refuses it.)
+
+Every job exports one shared ``HF_HOME``; the first job (``00_fetch_models``) downloads the profile's Hub
+models and data sets into it, and the others run with ``HF_HUB_OFFLINE=1``. Every job sets ``no_proxy`` for
+loopback, so an inherited ``http_proxy`` never intercepts the servers' health checks and calls.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ TEMPLATES_DIR = PROJECT_ROOT / "configs" / "slurm"
 POLICY_VLLM_PORT = 8000      # TRL's default vllm_server_port: the trainer finds the server without being told
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "0.0.0.0")
 CPU_ONLY = {"00_overview", "01_data_preparation", "09_results"}
+FETCH_JOB = "00_fetch_models"
 TRAINING = {"04_sft", "05_reward_model", "06_grpo"}
 USES_VERIFIER = {"03_rule_agreement", "06_grpo", "08_reward_hacking"}
 
@@ -64,6 +70,14 @@ class Options:
     only: list[str] | None = None
     requeue_grace_s: int = 600           # USR1 this long before the time limit: requeue before being killed
     ready_timeout_s: int = 1800          # vLLM servers load 8B weights; a cold cache is slow
+    # Memory: SLURM's default per CPU is site-specific and often a few GB, too little to load 8B weights.
+    mem: str | None = None               # every job: --mem (e.g. '0' = the whole node); overrides the two below
+    mem_per_gpu: str = "96G"             # GPU jobs: --mem-per-gpu
+    cpu_mem: str = "32G"                 # CPU-only jobs: --mem
+    # Model weights and data: fetched once into a shared HF_HOME that every job exports; the jobs then run
+    # with HF_HUB_OFFLINE=1 (compute nodes often have no internet, and 16 ranks must not download at once).
+    hf_home: str | None = None           # default: $HF_HOME of the submitting shell, else <run dir>/hf_home
+    fetch_models: str = "job"            # 'job': a first job fetches them; 'done': already fetched; 'off': jobs download
 
 
 @dataclass
@@ -87,6 +101,7 @@ class Job:
     services: list[Service] = field(default_factory=list)
     after: list[str] = field(default_factory=list)
     dependency: str = "afterok"
+    hub_offline: bool = False      # HF_HUB_OFFLINE=1: the models and data sets were fetched into HF_HOME
 
 
 def executables() -> dict[str, str]:
@@ -133,7 +148,7 @@ def local_verifier_port(profile: Profile) -> int | None:
     from urllib.parse import urlparse
 
     url = urlparse(profile.verifier.api_base_url or "")
-    if profile.verifier.backend == "openai" and url.hostname in LOCAL_HOSTS:
+    if profile.verifier.backend in ("openai", "vllm_server") and url.hostname in LOCAL_HOSTS:
         return url.port or 80
     return None
 
@@ -205,9 +220,15 @@ def plan(profile: Profile, opts: Options, run_dir: Path, stages: list[str]) -> l
     runs = _grpo_runs(profile)
     run_cmd = lambda s: [exe["autorule"], "run", "--profile", frozen, "--only", s, "--output-dir", str(run_dir)]
     jobs, prev, errors = [], [], []
+    if opts.fetch_models not in ("job", "done", "off"):
+        errors.append(f"--fetch-models {opts.fetch_models!r}: use job, done or off")
+    if opts.fetch_models == "job" and fetch_targets(profile)["models"] + fetch_targets(profile)["datasets"]:
+        cmd = [exe["python"], "-m", "autorule_lib.slurm", "fetch-models", "--profile", frozen]
+        jobs.append(Job(FETCH_JOB, "fetch_models", cmd))
+        prev = [FETCH_JOB]
     if opts.verifier_gpus and not local_verifier_port(profile):
         errors.append("--verifier-gpus: this profile's verifier is not a server on the job's node; ask for one with "
-                      "verifier: {backend: openai, api_base_url: http://127.0.0.1:8100/v1}")
+                      "verifier: {backend: vllm_server, api_base_url: http://127.0.0.1:8100/v1}")
 
     def add(job: Job, kind: str) -> Job:
         if kind == "train":
@@ -245,9 +266,54 @@ def plan(profile: Profile, opts: Options, run_dir: Path, stages: list[str]) -> l
     # afterany: the book is built even when a stage failed, and its manifest page names the failed stages
     jobs.append(Job("99_book", "book", [exe["autorule"], "book", "--profile", frozen, "--output-dir", str(run_dir)],
                     after=prev, dependency="afterany"))
+    for job in jobs:  # alpaca_eval reads its instructions and GLM table from the Hub at run time
+        job.hub_offline = (opts.fetch_models != "off" and job.key != FETCH_JOB
+                           and not (job.stage == "07_evaluation" and profile.evaluation.alpaca_eval == "run"))
     if errors:
         raise SlurmError("\n".join(errors))
     return jobs
+
+
+# ---------------------------------------------------------------- model and data pre-fetch
+
+def _is_hub_id(value: str | None) -> bool:
+    return bool(value) and value != "tiny" and not value.startswith(("/", "./", "../", "~"))
+
+
+def fetch_targets(profile: Profile) -> dict[str, list[str]]:
+    """Hub ids the profile's stages load: models (policy, tokenizer, verifier, local judge and extractor) and
+    data sets. Local paths and 'tiny' need nothing."""
+    models = [profile.models.policy, profile.models.tokenizer, profile.models.verifier]
+    if profile.evaluation.judge_llm == "local":
+        models.append(profile.evaluation.judge_model)
+    if profile.extraction.llm == "local":
+        models.append(profile.extraction.model)
+    data = [profile.data.ultrafeedback_source, profile.data.mt_bench_source]
+    uniq = lambda xs: list(dict.fromkeys(x for x in xs if _is_hub_id(x)))  # noqa: E731
+    return {"models": uniq(models), "datasets": uniq(data)}
+
+
+def hf_home(opts: Options, run_dir: Path) -> str:
+    return opts.hf_home or os.environ.get("HF_HOME") or str(run_dir / "hf_home")
+
+
+MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]  # no .bin/.pth duplicates
+
+
+def fetch(profile: Profile, *, snapshot_download=None, load_dataset=None) -> dict[str, list[str]]:
+    """Download every Hub model and data set of the profile into the current HF_HOME (run once, online)."""
+    if snapshot_download is None:
+        from huggingface_hub import snapshot_download
+    if load_dataset is None:
+        from datasets import load_dataset
+    targets = fetch_targets(profile)
+    for repo in targets["models"]:
+        print(f"fetching model {repo}", flush=True)
+        snapshot_download(repo, allow_patterns=MODEL_FILES)  # HF_TOKEN from the environment (gated Llama-3)
+    for repo in targets["datasets"]:
+        print(f"fetching data set {repo}", flush=True)
+        load_dataset(repo)  # into HF_HOME's datasets cache, which offline jobs read
+    return targets
 
 
 # ---------------------------------------------------------------- rendering
@@ -278,7 +344,8 @@ def render(profile: Profile, opts: Options, run_dir: str | Path | None = None, s
     (sdir / "logs").mkdir(parents=True, exist_ok=True)
     env, exe = _environment(Path(templates_dir)), executables()
     common = dict(profile=profile, opts=opts, run_dir=rdir, scripts_dir=sdir, log_dir=sdir / "logs", exe=exe,
-                  project_root=PROJECT_ROOT, frozen=frozen, secrets=required_secrets(profile))
+                  project_root=PROJECT_ROOT, frozen=frozen, secrets=required_secrets(profile),
+                  hf_home=hf_home(opts, rdir))
     texts = {f"{j.key}.sbatch": env.get_template("job.sbatch.j2").render(job=j, **common) for j in jobs}
     texts["submit.sh"] = env.get_template("submit.sh.j2").render(jobs=jobs, **common)
     leaked = [(name, var) for name, text in texts.items() for var, value in secret_values().items() if value in text]
@@ -324,7 +391,8 @@ def with_machine_rank(cmd: list[str], rank: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """``gpus START COUNT [-- CMD]``: print or exec with those GPUs; ``node-rank -- CMD``: exec with this
-    node's accelerate machine rank (the srun task id: one task per training node)."""
+    node's accelerate machine rank (the srun task id: one task per training node); ``fetch-models --profile P``:
+    download the profile's Hub models and data sets into $HF_HOME (run where there is internet)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m autorule_lib.slurm")
@@ -335,7 +403,16 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("cmd", nargs=argparse.REMAINDER)
     r = sub.add_parser("node-rank")
     r.add_argument("cmd", nargs=argparse.REMAINDER)
+    f = sub.add_parser("fetch-models", help="download the profile's Hub models and data sets into $HF_HOME")
+    f.add_argument("--profile", required=True)
     a = p.parse_args(argv)
+    if a.what == "fetch-models":
+        from .config import load_profile
+
+        got = fetch(load_profile(a.profile))
+        print(f"fetched {len(got['models'])} models and {len(got['datasets'])} data sets into "
+              f"{os.environ.get('HF_HOME', '~/.cache/huggingface')}")
+        return 0
     cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
     if a.what == "gpus":
         ids = select_gpus(a.start, a.count, os.environ.get("CUDA_VISIBLE_DEVICES"))

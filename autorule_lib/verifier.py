@@ -429,9 +429,18 @@ def build_verifier(profile: Profile, models_dir: str | Path, cache_path: str | P
         backend = vb.APIJudge(client, cfg.num_workers)
         return RuleVerifier(backend, template, cfg, f"{cfg.backend}:{profile.models.verifier}", cfg.mode, cache)
     path = resolve_model(profile, "verifier", models_dir)
+    if cfg.backend == "vllm_server":  # one server for every rank (autorule_lib.verifier_server)
+        from .verifier_server import build_server_judge
+
+        backend = build_server_judge(profile, cfg, path)
+        return RuleVerifier(backend, template, cfg, f"vllm_server:{model_fingerprint(path)}", cfg.mode, cache)
     if cfg.backend == "vllm":
+        from .engines import check_verifier_engine_layout, vllm_kwargs
+
+        check_verifier_engine_layout(cfg.backend)
         try:
-            backend = vb.VLLMJudge(path, dtype="bfloat16" if profile.precision == "bf16" else "float32")
+            backend = vb.VLLMJudge(path, dtype="bfloat16" if profile.precision == "bf16" else "float32",
+                                   **vllm_kwargs(cfg.gpu_memory_utilization))
         except ImportError as e:
             warnings.warn(f"verifier backend 'vllm' is not available ({e}); using transformers instead")
             backend = None

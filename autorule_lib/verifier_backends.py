@@ -231,12 +231,33 @@ class VLLMJudge:
     supports_fast = True
 
     def __init__(self, model_path: str, dtype: str = "bfloat16", **engine_kwargs):
-        from vllm import LLM  # ImportError -> the caller falls back to transformers
+        import vllm  # noqa: F401  ImportError -> the caller falls back to transformers
+        from transformers import AutoTokenizer
 
-        self.llm = LLM(model=model_path, dtype=dtype, enable_prefix_caching=True, **engine_kwargs)
-        self.tok = self.llm.get_tokenizer()
+        # The engine starts on first use and can be released (autorule_lib.engines): one engine at a time.
+        self.model_path, self.dtype, self.engine_kwargs, self._llm = model_path, dtype, engine_kwargs, None
+        self.tok = AutoTokenizer.from_pretrained(model_path)
         self.answer = answer_tokens(self.tok)
         self.pieces = PieceMemo()
+
+    @property
+    def llm(self):
+        if self._llm is None:
+            from vllm import LLM
+
+            from . import engines
+
+            engines.make_room("verifier")
+            self._llm = LLM(model=self.model_path, dtype=self.dtype, enable_prefix_caching=True, **self.engine_kwargs)
+            engines.register("verifier", self.release)
+        return self._llm
+
+    def release(self) -> None:
+        from . import engines
+
+        engine, self._llm = self._llm, None
+        if engine is not None:
+            engines.shutdown_vllm(engine)
 
     def _run(self, ids: list[list[int]], params):
         # Lexicographic order of token ids puts prompts with long common prefixes next to each other,

@@ -71,10 +71,10 @@ def submitted_chain(submit_sh):
 def test_one_node_chain_and_resources(tmp_path):
     out, files = rendered(tmp_path)
     keys = [j.key for j in out["jobs"]]
-    assert keys == BOOK + ["99_book"] and {f"{k}.sbatch" for k in keys} <= set(files)
+    assert keys == [slurm.FETCH_JOB] + BOOK + ["99_book"] and {f"{k}.sbatch" for k in keys} <= set(files)
     chain = submitted_chain(files["submit.sh"])
     assert list(chain) == keys  # submission order = plan order: every id exists before it is referenced
-    assert chain["00_overview"] == ""
+    assert chain[slurm.FETCH_JOB] == ""  # models and data first, into the shared HF_HOME
     for prev, key in zip(keys, keys[1:-1]):
         assert chain[key] == f"afterok:$j_{prev}"
     assert chain["99_book"] == "afterany:$j_09_results"  # the book is built even after a failure
@@ -89,10 +89,14 @@ def test_one_node_chain_and_resources(tmp_path):
     for key in ("04_sft", "05_reward_model", "06_grpo"):
         text = files[f"{key}.sbatch"]
         assert sbatch_opts(text)["gres"] == "gpu:8" and sbatch_opts(text)["time"] == "24:00:00"
-        assert exported(text, "AUTORULE_NUM_PROCESSES") == "8" and exported(text, "AUTORULE_NUM_MACHINES") is None
-    # the paper's verifier (backend vllm) is an engine inside each process: no server is started for it
-    assert not [k for k, text in files.items() if "start_service " in text]
-    assert sbatch_opts(files["03_rule_agreement.sbatch"])["gres"] == "gpu:1"
+        assert exported(text, "AUTORULE_NUM_MACHINES") is None
+    assert exported(files["04_sft.sbatch"], "AUTORULE_NUM_PROCESSES") == "8"
+    # the paper's verifier is one vLLM server on GPUs 0-3 of the jobs that judge (03, 06, 08), not an
+    # engine per training rank: GRPO trains on the other 4 GPUs
+    assert sorted(k for k, text in files.items() if "start_service verifier-vllm 0 4 " in text) == \
+        ["03_rule_agreement.sbatch", "06_grpo.sbatch", "08_reward_hacking.sbatch"]
+    assert exported(files["06_grpo.sbatch"], "AUTORULE_NUM_PROCESSES") == "4"
+    assert sbatch_opts(files["03_rule_agreement.sbatch"])["gres"] == "gpu:5"
 
 
 def test_one_node_with_vllm_servers(tmp_path):
@@ -109,9 +113,11 @@ def test_one_node_with_vllm_servers(tmp_path):
 
 
 def test_two_nodes(tmp_path):
-    out, files = rendered(tmp_path, profile=two_node_profile(tmp_path), nodes=2, gpus_per_node=8, partition="gpu",
-                          cpu_partition="cpu", account="proj", sbatch_args=["--qos=high"])
-    for key in ("04_sft", "05_reward_model", "06_grpo"):
+    out, files = rendered(tmp_path, nodes=2, gpus_per_node=8, partition="gpu", cpu_partition="cpu",
+                          account="proj", sbatch_args=["--qos=high"])
+    # the paper's verifier server is reached at localhost: its GRPO job stays on one node (see below)
+    assert sbatch_opts(files["06_grpo.sbatch"])["nodes"] == "1"
+    for key in ("04_sft", "05_reward_model"):
         text = files[f"{key}.sbatch"]
         o = sbatch_opts(text)
         assert (o["nodes"], o["gres"], o["partition"], o["account"], o["qos"]) == ("2", "gpu:8", "gpu", "proj", "high")
@@ -137,7 +143,8 @@ def test_parallel_runs_fan_out_and_join(tmp_path):
         assert chain[key] == "afterok:$j_05_reward_model"
     assert chain["06_grpo"] == "afterok:" + ":".join(f"$j_{k.replace('.', '_')}" for k in runs)
     assert chain["07_evaluation"] == "afterok:$j_06_grpo"
-    assert exported(files["06_grpo.autorule_uf.sbatch"], "AUTORULE_NUM_PROCESSES") == "8"
+    assert exported(files["06_grpo.autorule_uf.sbatch"], "AUTORULE_NUM_PROCESSES") == "4"  # 4 GPUs serve the verifier
+    assert exported(files["06_grpo.rm_only.sbatch"], "AUTORULE_NUM_PROCESSES") == "8"  # no verifier: all 8 train
     collector = files["06_grpo.sbatch"]  # only reads finished runs: one process, one GPU
     assert exported(collector, "AUTORULE_NUM_PROCESSES") == "1" and sbatch_opts(collector)["gres"] == "gpu:1"
     # with servers, each run gets only those it needs: an RM-only run starts no verifier
@@ -166,6 +173,9 @@ def test_every_command_exists_in_our_cli_and_trl(tmp_path):
             assert args.output_dir == str(tmp_path / "run")
             if args.command == "run":
                 assert args.only == [name.split(".")[0]]
+        elif argv[1:3] == ["-m", "autorule_lib.slurm"]:
+            assert argv[3:] == ["fetch-models", "--profile", str(tmp_path / "run" / "profile.yaml")]
+            seen.add("fetch-models")
         else:
             assert argv[1:3] == ["-m", "autorule_lib.training_stages"]
             a = training_stages.build_parser().parse_args(argv[3:])
@@ -182,7 +192,7 @@ def test_every_command_exists_in_our_cli_and_trl(tmp_path):
                 assert "--enable-prefix-caching" in cmd and flags["--port"] == "8100"
                 assert flags["--data-parallel-size"] == "3"
                 assert flags["--served-model-name"] == "meta-llama/Meta-Llama-3-8B-Instruct"  # the name it is sent
-    assert seen == {"run", "book"}
+    assert seen == {"run", "book", "fetch-models"}
 
 
 def test_scripts_are_valid_bash(tmp_path):
@@ -222,9 +232,92 @@ def test_impossible_allocations_fail_before_writing(tmp_path):
     with pytest.raises(SlurmError, match="leave none for training") as err:
         rendered(tmp_path / "b", profile=servers, gpus_per_node=4)
     assert "03_rule_agreement: its vLLM servers and the notebook need 5 GPUs, a node has 4" in str(err.value)
+    in_process = tmp_path / "in_process.yaml"
+    in_process.write_text("extends: paper\nverifier: {backend: vllm}\n")
     with pytest.raises(SlurmError, match="not a server on the job's node"):
-        rendered(tmp_path / "c", verifier_gpus=2)  # the paper's verifier runs in-process
+        rendered(tmp_path / "c", profile=str(in_process), verifier_gpus=2)  # an in-process verifier engine
     assert not [d for d in "abc" if (tmp_path / d / "slurm").exists()]
+
+
+def test_memory_is_requested_explicitly(tmp_path):
+    _, files = rendered(tmp_path)
+    assert sbatch_opts(files["04_sft.sbatch"])["mem-per-gpu"] == "96G"
+    assert "mem" not in sbatch_opts(files["04_sft.sbatch"])
+    assert sbatch_opts(files["00_overview.sbatch"])["mem"] == "32G"
+    assert "mem-per-gpu" not in sbatch_opts(files["00_overview.sbatch"])
+    _, files = rendered(tmp_path / "whole", mem="0", mem_per_gpu="200G")
+    for name in ("00_overview.sbatch", "06_grpo.sbatch", "99_book.sbatch"):
+        o = sbatch_opts(files[name])
+        assert o["mem"] == "0" and "mem-per-gpu" not in o  # SLURM refuses --mem together with --mem-per-gpu
+
+
+def test_shared_hf_home_fetched_once_then_offline(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HOME", raising=False)
+    _, files = rendered(tmp_path)
+    home = str(tmp_path / "run" / "hf_home")
+    for name, text in files.items():
+        if name.endswith(".sbatch"):
+            assert exported(text, "HF_HOME") == home, name
+    fetch = files[f"{slurm.FETCH_JOB}.sbatch"]
+    assert "HF_HUB_OFFLINE" not in fetch and "gres" not in sbatch_opts(fetch)
+    assert "export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1" in files["06_grpo.sbatch"]
+    # alpaca_eval (chapter 07, alpaca_eval: run) reads its data from the Hub at run time
+    assert "HF_HUB_OFFLINE" not in files["07_evaluation.sbatch"]
+    _, files = rendered(tmp_path / "done", hf_home="/shared/hf", fetch_models="done")
+    assert f"{slurm.FETCH_JOB}.sbatch" not in files
+    assert exported(files["04_sft.sbatch"], "HF_HOME") == "/shared/hf"
+    assert "HF_HUB_OFFLINE=1" in files["04_sft.sbatch"]
+    _, files = rendered(tmp_path / "off", fetch_models="off")
+    assert "HF_HUB_OFFLINE" not in files["04_sft.sbatch"] and f"{slurm.FETCH_JOB}.sbatch" not in files
+    monkeypatch.setenv("HF_HOME", "/site/hf-cache")
+    _, files = rendered(tmp_path / "env")
+    assert exported(files["04_sft.sbatch"], "HF_HOME") == "/site/hf-cache"
+
+
+def test_fetch_targets_and_fetch_with_fakes():
+    paper = load_profile("paper")
+    t = slurm.fetch_targets(paper)
+    assert t == {"models": ["meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-8B-Instruct"],
+                 "datasets": ["HuggingFaceH4/ultrafeedback_binarized", "lmsys/mt_bench_human_judgments"]}
+    single = slurm.fetch_targets(load_profile("single_gpu"))
+    assert "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B" in single["models"]  # the local extractor
+    assert "Qwen/Qwen2.5-1.5B-Instruct" in single["models"]
+    assert slurm.fetch_targets(load_profile("smoke")) == {"models": [], "datasets": []}  # all local
+    got = []
+    slurm.fetch(paper, snapshot_download=lambda repo, allow_patterns: got.append(("model", repo, allow_patterns)),
+                load_dataset=lambda repo: got.append(("data", repo)))
+    assert [g[:2] for g in got] == [("model", t["models"][0]), ("model", t["models"][1]),
+                                    ("data", t["datasets"][0]), ("data", t["datasets"][1])]
+    assert "*.safetensors" in got[0][2] and "*.bin" not in got[0][2]
+
+
+def test_fetch_models_command_runs(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "autorule_lib.slurm", "fetch-models", "--profile", "smoke"],
+                          capture_output=True, text=True, cwd=PROJECT_ROOT, env={**os.environ, "HF_HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert f"fetched 0 models and 0 data sets into {tmp_path}" in proc.stdout
+
+
+def test_loopback_is_never_proxied(tmp_path, monkeypatch):
+    _, files = rendered(tmp_path, profile=server_profile(tmp_path), verifier_gpus=3)
+    grpo = files["06_grpo.sbatch"]
+    assert grpo.index("export no_proxy=") < grpo.index("start_service ")  # before the first health check
+    env = {"PATH": os.environ["PATH"], "no_proxy": "corp.example"}
+    line = [x for x in grpo.splitlines() if x.startswith("export no_proxy=")][0]
+    out = subprocess.run(["bash", "-c", f"{line}; export NO_PROXY=\"$no_proxy\"; echo $no_proxy; echo $NO_PROXY"],
+                         env=env, capture_output=True, text=True).stdout.split()
+    assert out == ["127.0.0.1,localhost,corp.example"] * 2
+    import urllib.request
+    monkeypatch.setenv("http_proxy", "http://proxy.invalid:3128")
+    monkeypatch.setenv("no_proxy", out[0])  # the health check's urllib then goes direct
+    assert urllib.request.proxy_bypass("127.0.0.1") and urllib.request.proxy_bypass("localhost")
+
+
+def test_cli_memory_and_fetch_options(tmp_path):
+    args = build_parser().parse_args(["slurm", "--profile", "paper", "--mem-per-gpu", "120G", "--cpu-mem", "8G",
+                                      "--hf-home", "/shared/hf", "--fetch-models", "done"])
+    assert (args.mem, args.mem_per_gpu, args.cpu_mem, args.hf_home, args.fetch_models) == \
+        (None, "120G", "8G", "/shared/hf", "done")
 
 
 # ---------------------------------------------------------------- estimates
@@ -253,7 +346,8 @@ def test_estimates_count_verifier_calls_from_the_profile_and_the_run(tmp_path):
     assert est["rules"]["uf"] == {"count": 3, "from": "extracted"} and est["rules"]["mt"]["from"] == "paper"
     calls_uf_runs = 2 * 1024 * 2 * 3 + 4 * 1024 * 2 * 3  # autorule_uf (1 episode) + autorule_uf_2ep (2 episodes)
     calls_mt = 2 * 1024 * 2 * 20
-    assert est["jobs"][0]["verifier_calls"] == calls_uf_runs + calls_mt
+    (grpo_row,) = [r for r in est["jobs"] if r["job"] == "06_grpo"]
+    assert grpo_row["verifier_calls"] == calls_uf_runs + calls_mt
 
 
 # ---------------------------------------------------------------- helpers used inside the jobs
