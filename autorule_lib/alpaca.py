@@ -1,7 +1,7 @@
-"""AlpacaEval 2.0 (METHOD.md §5): the seed's model config per checkpoint, and the LC win rate.
+"""AlpacaEval 2.0 (book/method.md §5): the authors' model config per checkpoint, and the LC win rate.
 
 ``write_model_config`` writes ``<models_dir>/<name>/configs.yaml`` and ``prompt.txt`` exactly as the
-seed gives them (SEED_EVAL.md §2), so ``alpaca_eval evaluate_from_model --model_configs <name>
+authors' README gives them (fixtures/authors_readme/evaluation_texts.md §2), so ``alpaca_eval evaluate_from_model --model_configs <name>
 --base_dir <models_dir>`` generates with vLLM as the authors did. The length-controlled win rate is
 alpaca_eval's own implementation (``alpaca_eval.metrics.get_length_controlled_winrate``), applied to
 an annotations file; it fits its GLM together with a reference table (``df_gamed.csv``) that it
@@ -20,7 +20,7 @@ import pandas as pd
 
 from .artifacts import atomic_write_text
 
-# SEED_EVAL.md §2, restored layout, verbatim; [model-name] and [model-name/path] are filled in.
+# fixtures/authors_readme/evaluation_texts.md §2, restored layout, verbatim; [model-name] and [model-name/path] are filled in.
 CONFIG_TEMPLATE = '''[model-name]:
   prompt_template: "[model-name]/prompt.txt"
   fn_completions: "vllm_local_completions"
@@ -40,7 +40,7 @@ ANNOTATION_COLUMNS = ("preference", "output_1", "output_2", "generator_1", "gene
 
 
 def _yaml_string(value: str) -> str:
-    """A double-quoted YAML scalar: identical to the seed's "..." for plain names and paths."""
+    """A double-quoted YAML scalar: identical to the authors' "..." for plain names and paths."""
     return json.dumps(value, ensure_ascii=False)
 
 

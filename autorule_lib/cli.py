@@ -31,7 +31,7 @@ def _cmd_prepare_data(args) -> int:
 
 
 def _cmd_extract_rules(args) -> int:
-    from .extraction import ExtractionError, extract_rules_from_source, stage_table, with_overrides
+    from .extraction import ExtractionError, extract_rules_from_source, stage_table, uf_sample_pool, with_overrides
 
     if args.profile is None and args.llm in SPENDING_LLMS:
         print(f"error: extract-rules --llm {args.llm} spends money or GPU time: name the settings to use with "
@@ -44,9 +44,13 @@ def _cmd_extract_rules(args) -> int:
     source, split = args.source, args.split
     if source is None and cfg.llm == "replay":
         # the recorded responses answer chapter 02's examples, which come from chapter 01's prepared sets
-        sets = "ultrafeedback" if args.dataset_type == "uf" else "mt_bench"
-        source = str(require(run_dir(profile) / "artifacts" / "01_data_preparation" / sets / "sets", "01"))
-        split = split or ("rm_train" if args.dataset_type == "uf" else "mt_train")
+        if args.dataset_type == "uf":  # the pool chapter 02 draws from (unfiltered train_prefs by default)
+            data_dir = require(run_dir(profile) / "artifacts" / "01_data_preparation" / "ultrafeedback", "01")
+            pool, pool_split = uf_sample_pool(profile, data_dir)
+        else:
+            pool = require(run_dir(profile) / "artifacts" / "01_data_preparation" / "mt_bench" / "sets", "01")
+            pool_split = "mt_train"
+        source, split = str(pool), split or pool_split
     elif source is None:
         source = profile.data.ultrafeedback_source if args.dataset_type == "uf" else profile.data.mt_bench_source
     try:
@@ -153,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", help="model id for the chosen client")
     e.add_argument("--source", help="Hub id, save_to_disk folder, or folder of <split>.jsonl/.parquet "
                    "(default: the profile's; train_prefs is read for uf, human for mt; with the replay client "
-                   "chapter 01's prepared sets, split rm_train / mt_train, as chapter 02 uses)")
+                   "chapter 01's outputs, as chapter 02 uses: its UF pool (extraction.uf_sample_pool) / mt_train)")
     e.add_argument("--split", help="read this split instead (e.g. rm_train of prepared sets)")
     e.add_argument("--cache", help="response cache file (default: <output_dir>/llm_cache.sqlite)")
     e.add_argument("--profile", help="profile name or YAML file (default: smoke; required with --llm "

@@ -1,4 +1,4 @@
-"""Data preparation (METHOD.md §1): UltraFeedback sets with the length/quality filter, MT-Bench splits.
+"""Data preparation (book/method.md §1): UltraFeedback sets with the length/quality filter, MT-Bench splits.
 
 Sources are a Hub id, a ``save_to_disk`` folder, or a folder of ``<split>.jsonl`` / ``<split>.parquet``.
 Every row is checked against the Hub schema first; a malformed row stops preparation with its split,

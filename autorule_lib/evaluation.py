@@ -70,7 +70,7 @@ class Evaluator:
     # ------------------------------------------------------------ responses
 
     def responses(self, checkpoint: str | Path, rows: list[dict], tokenizer: str | Path | None = None) -> list[dict]:
-        """The checkpoint's responses to the UF test prompts, with the seed's generation settings."""
+        """The checkpoint's responses to the UF test prompts, with the authors' generation settings."""
         prompts = [policy_prompt(r["prompt"]) for r in rows]
         outs = generate(checkpoint, prompts, self.settings, self.cache, device=self.device,
                         dtype=self.profile.precision, engine=self.cfg.generation_engine, tokenizer=tokenizer)
@@ -213,7 +213,7 @@ def find_annotations(folder: str | None, method: str, annotator: str) -> Path | 
 
 
 def alpaca_name(method: str) -> str:
-    """AlpacaEval generator name; it contains 'ar-llama' so FastChat tools pick the seed's adapter too."""
+    """AlpacaEval generator name; it contains 'ar-llama' so FastChat tools pick the authors' adapter too."""
     return f"ar-llama-{method}"
 
 

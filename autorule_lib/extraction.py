@@ -1,4 +1,4 @@
-"""Rule extraction (METHOD.md §2): explain each preference, extract rules from the reasoning, merge them.
+"""Rule extraction (book/method.md §2): explain each preference, extract rules from the reasoning, merge them.
 
 1. **Explain**: both conversations (``Role: content`` lines, Assistant A and B) and the verdict go to
    the reasoning model, which explains the preference; its chain of thought is kept.
@@ -145,7 +145,7 @@ def serialize_conversation(messages: list[dict]) -> str:
 def explain_messages(ex: Example, templates: dict[str, PromptTemplate]) -> list[dict]:
     text = templates["explain"].render(conversation_a=serialize_conversation(ex.conversation_a),
                                        conversation_b=serialize_conversation(ex.conversation_b), winner=ex.winner)
-    return [{"role": "user", "content": text}]  # no system prompt (METHOD.md §2)
+    return [{"role": "user", "content": text}]  # no system prompt (book/method.md §2)
 
 
 def extract_messages(source_text: str, winner_letter: str, templates: dict[str, PromptTemplate]) -> list[dict]:

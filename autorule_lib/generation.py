@@ -1,4 +1,4 @@
-"""Evaluation responses of any checkpoint, with the seed's AlpacaEval settings (METHOD.md §5).
+"""Evaluation responses of any checkpoint, with the authors' AlpacaEval settings (book/method.md §5).
 
 The seed generates with vLLM (bf16, temperature 0.9, top-p 1.0, up to 4096 new tokens, batch 16) on
 the prompt ``<|user|>{instruction}<|assistant|>``. vLLM is used when it is importable and the model

@@ -1,6 +1,6 @@
-"""MT-Bench on the held-out questions (METHOD.md §5): FastChat's ``ar-llama`` template, single-answer grading.
+"""MT-Bench on the held-out questions (book/method.md §5): FastChat's ``ar-llama`` template, single-answer grading.
 
-Importing this module registers the seed's FastChat adapter and conversation template (SEED_EVAL.md
+Importing this module registers the authors' FastChat adapter and conversation template (fixtures/authors_readme/evaluation_texts.md
 §3) with FastChat's own ``register_model_adapter`` / ``register_conv_template``, so FastChat's
 scripts and our code render ``<|user|>Q1<|assistant|>A1<|user|>Q2<|assistant|>`` without anyone
 editing FastChat. FastChat picks an adapter by the checkpoint folder's name, which must contain
@@ -37,7 +37,7 @@ from .winrate import bootstrap_ci
 TEMPLATE_NAME = "ar-llama"
 
 
-# ---------------------------------------------------------------- the seed's adapter and template (verbatim)
+# ---------------------------------------------------------------- the authors' adapter and template (verbatim)
 
 class ARLlamaAdapter(BaseModelAdapter):
     """The model adapter for AutoRule and its baselines"""

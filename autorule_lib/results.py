@@ -1,5 +1,5 @@
 """The results table: every method x metric of a run, each number with its provenance, and the paper's
-relative gains beside ours (METHOD.md §6).
+relative gains beside ours (book/method.md §6).
 
 Absolute numbers from the paper are not available to us; the only published numbers we compare
 with are two relative gains of AutoRule over RM-only GRPO (same RM, Llama-3-8B). Nothing else is
@@ -15,7 +15,7 @@ import pandas as pd
 
 from .artifacts import read_json
 
-# METHOD.md §6. The rule set behind the headline is not stated there, so both AutoRule runs are compared.
+# book/method.md §6. The rule set behind the headline is not stated there, so both AutoRule runs are compared.
 PAPER_RELATIVE_GAINS = [
     {"metric": "alpaca_lc_win_rate", "baseline": "rm_only", "paper_gain_pct": 28.6,
      "paper_note": "AlpacaEval 2.0 LC win rate, AutoRule vs RM-only GRPO (a later version: +25.6% vs GPT-4)"},

@@ -1,4 +1,4 @@
-"""Reward hacking over two episodes (METHOD.md §6): does the training reward keep rising while the judge's
+"""Reward hacking over two episodes (book/method.md §6): does the training reward keep rising while the judge's
 verdict stops following it?
 
 For each checkpoint of the two-episode runs (RM-only and AutoRule, plus the SFT model as step 0) the

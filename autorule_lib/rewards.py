@@ -1,4 +1,4 @@
-"""AutoRule's rewards as reward functions for TRL's ``GRPOTrainer`` (METHOD.md §3).
+"""AutoRule's rewards as reward functions for TRL's ``GRPOTrainer`` (book/method.md §3).
 
 TRL 1.12 calls every reward function as ``f(prompts=, completions=, completion_ids=, trainer_state=,
 log_extra=, log_metric=, **dataset_columns)`` and expects one float per completion, or ``None`` where

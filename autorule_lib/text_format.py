@@ -1,4 +1,4 @@
-"""The policy's plain-text conversation format (METHOD.md §4), used by every stage.
+"""The policy's plain-text conversation format (book/method.md §4), used by every stage.
 
 ``<|user|>{prompt}<|assistant|>{response} <|end_of_text|>``: no BOS, a space before EOS. The
 markers are ordinary text for Llama-3 base, not special tokens, so callers must encode with
@@ -26,7 +26,7 @@ def completion_text(response: str, eos_token: str) -> str:
 
 
 def verifier_conversation(prompt: str, response: str, eos_token: str | None = None) -> str:
-    """The raw policy text the verifier judges, EOS stripped (METHOD.md §3)."""
+    """The raw policy text the verifier judges, EOS stripped (book/method.md §3)."""
     if eos_token:
         response = response.rstrip()
         if response.endswith(eos_token):

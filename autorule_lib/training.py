@@ -1,4 +1,4 @@
-"""Training stages on TRL's own trainers: SFT, Bradley-Terry reward model, GRPO, PPO (METHOD.md §4).
+"""Training stages on TRL's own trainers: SFT, Bradley-Terry reward model, GRPO, PPO (book/method.md §4).
 
 Every stage builds its TRL config from the profile, checkpoints on the profile's schedule, resumes from
 the last checkpoint when re-run, and writes ``done.json`` (settings hash + provenance) when finished so
@@ -18,7 +18,7 @@ from .config import ConfigError, Profile
 from .text_format import completion_text, policy_prompt, policy_text
 
 
-# Settings of METHOD.md §4 that TRL 1.12 cannot express exactly, and what is used instead.
+# Settings of book/method.md §4 that TRL 1.12 cannot express exactly, and what is used instead.
 TRL_DEVIATIONS = [
     ("GRPO token-level loss", "OpenRLHF averages token losses per micro-batch", "loss_type='bnpo' (same)"),
     ("GRPO prompt length", "prompts truncated at 1024 tokens", "longer prompts dropped (TRL 1.12 does not "
@@ -579,7 +579,7 @@ class RewardModelScorer:
 
 
 def rm_normalization(scorer: RewardModelScorer, pairs: list[dict]) -> dict:
-    """Frozen mu/sigma of RM scores over chosen ∪ rejected of the filtered test pairs (METHOD.md §3)."""
+    """Frozen mu/sigma of RM scores over chosen ∪ rejected of the filtered test pairs (book/method.md §3)."""
     import statistics
 
     prompts = [r["prompt"] for r in pairs]

@@ -1,4 +1,4 @@
-"""The rule verifier (METHOD.md §3): one verdict per (conversation, rule).
+"""The rule verifier (book/method.md §3): one verdict per (conversation, rule).
 
 A verdict is 1 (the response follows the rule), 0 (it does not) or *unscored* with a reason. An
 unscored check is counted and reported, never turned into a silent 0.

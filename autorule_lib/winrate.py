@@ -1,4 +1,4 @@
-"""UltraFeedback win rate (METHOD.md §5) with the seed's ranking prompt, judged in both orders.
+"""UltraFeedback win rate (book/method.md §5) with the authors' ranking prompt, judged in both orders.
 
 Each test prompt gives a pair: the evaluated model's response and a reference (the SFT model's
 response, or the dataset's chosen response; the authors do not say which, so it is configurable).
@@ -25,7 +25,7 @@ PROMPT_FILE = Path(__file__).resolve().parent / "prompts" / "uf_winrate_ranking.
 
 
 def load_ranking_prompt(path: Path = PROMPT_FILE) -> str:
-    """The seed's ranking prompt (SEED_EVAL.md §1), its words *and* its layout — blank lines and the
+    """The seed's ranking prompt (fixtures/authors_readme/evaluation_texts.md §1), its words *and* its layout — blank lines and the
     4/8-space indentation of the dictionaries are part of what the judge sees. Leading ``#`` lines are
     comments; the one trailing newline of the file is not part of the prompt."""
     lines = path.read_text(encoding="utf-8").split("\n")

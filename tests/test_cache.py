@@ -18,7 +18,7 @@ def writer(path, proc, barrier):
     barrier.wait()  # all start writing at once
     for i in range(N_KEYS):
         cache.put({"proc": proc, "i": i}, {"answer": f"{proc}-{i}", "text": "é" * (i % 7)})
-        cache.put({"shared": i}, {"answer": i})  # every process answers these too: same key, same answer
+        cache.put({"common": i}, {"answer": i})  # every process answers these too: same key, same answer
 
 
 def test_concurrent_writer_processes_lose_and_duplicate_nothing(tmp_path):
@@ -35,7 +35,7 @@ def test_concurrent_writer_processes_lose_and_duplicate_nothing(tmp_path):
     assert len(merged) == N_PROCS * N_KEYS + N_KEYS
     assert all(merged.get({"proc": p, "i": i}) == {"answer": f"{p}-{i}", "text": "é" * (i % 7)}
                for p in range(N_PROCS) for i in range(N_KEYS))
-    assert merged.get({"shared": 7}) == {"answer": 7}
+    assert merged.get({"common": 7}) == {"answer": 7}
     shards = list((tmp_path / "cache" / "verdicts.shards").glob("*.jsonl"))
     assert len(shards) == N_PROCS  # one file per writer: no file written by two processes
     assert not list(tmp_path.rglob("*-wal")) and not path.exists()  # no SQLite (and no WAL) on the shared dir

@@ -53,9 +53,13 @@ def test_a_finished_grpo_run_builds_no_reward_model_or_verifier(tmp_path, monkey
     out = S.artifacts(tmp_path, S.GRPO) / "autorule_uf"
     v = profile.grpo_variant("autorule_uf")
     names, weights = S.reward_layout(profile, v)
+    rules = S.artifacts(tmp_path, S.RULES) / "uf" / "merged_rules.json"  # the run's identity includes its rule set
+    rules.parent.mkdir(parents=True)
+    rules.write_text(json.dumps(["Rule one."]))
     out.mkdir(parents=True)
+    rule_set = R.rules_for_variant(profile, v, tmp_path)[1]
     (out / "done.json").write_text(json.dumps({"settings_hash": S.grpo_settings(profile, v, str(sft), names, weights,
-                                                                                 out)}))
+                                                                                 out, [rule_set])}))
 
     def must_not_build(*a, **k):
         raise AssertionError("built the RM and verifier for a finished run")
