@@ -59,15 +59,15 @@ def test_normalisation_keeps_numbers_and_drops_only_volatile_keys():
 
 
 @pytest.mark.slow
-def test_two_smoke_book_runs_write_identical_metrics(tmp_path):
-    runs = []
-    for name in ("a", "b"):
-        out = tmp_path / name
-        done = subprocess.run([sys.executable, "-m", "autorule_lib.cli", "run", "--profile", "smoke", "--output-dir",
-                               str(out)], cwd=PROJECT_ROOT, env=dict(os.environ), capture_output=True, text=True,
-                              timeout=1500)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        runs.append(out)
+def test_two_smoke_book_runs_write_identical_metrics(tmp_path, smoke_run):
+    first, _, result = smoke_run  # the suite's own smoke run (its fake secrets change no number) ...
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    second = tmp_path / "b"  # ... and a second one from scratch in another directory
+    done = subprocess.run([sys.executable, "-m", "autorule_lib.cli", "run", "--profile", "smoke", "--output-dir",
+                           str(second)], cwd=PROJECT_ROOT, env=dict(os.environ), capture_output=True, text=True,
+                          timeout=1500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = [Path(first), second]
     n = len(list((runs[0] / "artifacts").rglob("*.json")))
     assert n > 20  # every chapter's metrics, not an empty comparison
     assert json_differences(runs[0], runs[1]) == []

@@ -112,3 +112,18 @@ def test_rule_set_file_must_exist_and_is_named(tmp_path):
         load_profile(prof)
     (tmp_path / "appendix.json").write_text('["Rule one.", "Rule two."]')
     assert load_profile(prof).grpo_variant("appendix").rule_set_file == "./appendix.json"
+
+
+def test_every_shipped_profiles_training_batches_divide(monkeypatch):
+    """Each profile's batches split into its processes' micro-batches for every GRPO run and the PPO run:
+    a per-run micro-batch inherited from another profile must not exceed or misdivide this one's batch."""
+    from autorule_lib.config import PROJECT_ROOT, load_profile
+    from autorule_lib.training import accumulation_steps, ppo_batch_args
+
+    for path in sorted((PROJECT_ROOT / "configs" / "profiles").glob("*.yaml")):
+        profile = load_profile(path)
+        monkeypatch.setenv("WORLD_SIZE", str(profile.num_processes))
+        for name in profile.grpo_run_names():
+            v = profile.grpo_variant(name)
+            assert accumulation_steps(v.train_batch_size, v.per_device_batch_size, f"{path.name} {name}") >= 1
+        ppo_batch_args(profile.ppo, profile.num_processes)
