@@ -1,6 +1,7 @@
 """Same commit, profile and seed give the same numbers: two smoke-book runs in different directories write
 identical JSON artifacts in every chapter (timestamps, durations and the run directory's own path aside)."""
 import json
+import math
 import os
 import re
 import subprocess
@@ -14,7 +15,7 @@ from autorule_lib.config import PROJECT_ROOT
 # what legitimately differs between two runs: when and how fast, and where (the run directory itself); and
 # checkpoint_id, a file-identity stamp (path, sizes, mtimes: artifacts.files_stamp), not a number
 VOLATILE = re.compile(r"(^|_)(runtime|per_second|created_at|started_at|finished_at|time|seconds|elapsed|duration|"
-                      r"timestamp|took_s|wall_s|date)$|_at$|^time_|^seconds|^checkpoint_id$")
+                      r"timestamp|took_s|wall_s|date)$|_at$|^time_|^seconds|^checkpoint_id$|^eps$")  # eps: TRL PPO's episodes/s
 # a checkpoint's completeness record lists file sizes, and trainer_state.json's size varies with its timings
 NOT_METRICS = {"autorule_complete.json"}
 
@@ -26,6 +27,8 @@ def normalised(value, run_dir: str):
         return [normalised(v, run_dir) for v in value]
     if isinstance(value, str):
         return value.replace(run_dir, "<run>")
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN"  # a NaN metric (e.g. a variance over one value) is the same result in both runs
     return value
 
 
@@ -54,6 +57,8 @@ def test_normalisation_keeps_numbers_and_drops_only_volatile_keys():
     a = {"mean": 0.5, "created_at": "x", "train_runtime": 1.0, "path": "/r1/artifacts/m", "log": [{"loss": 1.0}]}
     b = {"mean": 0.5, "created_at": "y", "train_runtime": 2.0, "path": "/r2/artifacts/m", "log": [{"loss": 1.0}]}
     assert normalised(a, "/r1") == normalised(b, "/r2")
+    assert normalised({"v": float("nan"), "eps": 7}, "/r1") == normalised({"v": float("nan"), "eps": 8}, "/r2")
+    assert normalised({"v": float("nan")}, "/r1") != normalised({"v": 0.0}, "/r2")
     assert normalised({**a, "mean": 0.6}, "/r1") != normalised(b, "/r2")
     assert normalised({**a, "log": [{"loss": 1.1}]}, "/r1") != normalised(b, "/r2")
 
