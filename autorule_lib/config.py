@@ -146,6 +146,17 @@ class RewardConfig:
                 "zero advantage); 'rm_only' keeps its RM reward (TRL's nansum then counts the rule reward as 0).")
 
 
+# Checkpoint policy of the SFT and RM stages (GRPO's own help below refers to these).
+SAVE_TOTAL_LIMIT_HELP = (
+    "Checkpoints kept (older ones deleted; null: all). Paper scale: an 8B checkpoint with Adam state is "
+    "~128 GB (16 GB bf16 weights + 12 bytes/parameter of fp32 master weights and moments), so 2 keep "
+    "~256 GB per run instead of ~128 GB x every save (~18 TB for ~146 saves). At least 2: the newest is "
+    "written before the older ones are rotated out.")
+SAVE_ONLY_MODEL_HELP = (
+    "Checkpoints without optimizer/scheduler state (~16 GB instead of ~128 GB for 8B). A re-run can then "
+    "not resume mid-run (it restarts, and says so); it still finalises from a checkpoint at the end.")
+
+
 @dataclass
 class SFTStageConfig:
     num_train_epochs: float = _f(2, "Epochs over filtered train_sft.")
@@ -159,14 +170,8 @@ class SFTStageConfig:
     adam_beta2: float = _f(0.95, "Adam beta2.")
     max_steps: int = _f(-1, "Stop after N optimizer steps (-1: full epochs).")
     save_steps: int = _f(500, "Checkpoint every N steps.")
-    save_total_limit: Optional[int] = _f(
-        2, "Checkpoints kept (older ones deleted; null: all). Paper scale: an 8B checkpoint with Adam state is "
-           "~128 GB (16 GB bf16 weights + 12 bytes/parameter of fp32 master weights and moments), so 2 keep "
-           "~256 GB per run instead of ~128 GB x every save (~18 TB for ~146 saves). At least 2: the newest is "
-           "written before the older ones are rotated out.")
-    save_only_model: bool = _f(
-        False, "Checkpoints without optimizer/scheduler state (~16 GB instead of ~128 GB for 8B). A re-run can then "
-               "not resume mid-run (it restarts, and says so); it still finalises from a checkpoint at the end.")
+    save_total_limit: Optional[int] = _f(2, SAVE_TOTAL_LIMIT_HELP)
+    save_only_model: bool = _f(False, SAVE_ONLY_MODEL_HELP)
     gradient_checkpointing: bool = _f(True, "Trade compute for memory (GPU runs).")
 
 
@@ -183,14 +188,8 @@ class RewardModelStageConfig:
     adam_beta2: float = _f(0.95, "Adam beta2 (OpenRLHF's default in every stage; TRL's own default is 0.999).")
     max_steps: int = _f(-1, "Stop after N optimizer steps (-1: full epochs).")
     save_steps: int = _f(500, "Checkpoint every N steps.")
-    save_total_limit: Optional[int] = _f(
-        2, "Checkpoints kept (older ones deleted; null: all). Paper scale: an 8B checkpoint with Adam state is "
-           "~128 GB (16 GB bf16 weights + 12 bytes/parameter of fp32 master weights and moments), so 2 keep "
-           "~256 GB per run instead of ~128 GB x every save (~18 TB for ~146 saves). At least 2: the newest is "
-           "written before the older ones are rotated out.")
-    save_only_model: bool = _f(
-        False, "Checkpoints without optimizer/scheduler state (~16 GB instead of ~128 GB for 8B). A re-run can then "
-               "not resume mid-run (it restarts, and says so); it still finalises from a checkpoint at the end.")
+    save_total_limit: Optional[int] = _f(2, SAVE_TOTAL_LIMIT_HELP)
+    save_only_model: bool = _f(False, SAVE_ONLY_MODEL_HELP)
     pad_token: str = _f("<|reserved_special_token_0|>",
                         "Padding token of the RM; must differ from EOS so the reward is read at the EOS token.")
     gradient_checkpointing: bool = _f(True, "Trade compute for memory (GPU runs).")

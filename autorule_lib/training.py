@@ -551,7 +551,6 @@ class RewardModelScorer:
     """Scores policy texts with the trained RM, read at the last (EOS) token."""
 
     def __init__(self, path: str | Path, pad_token: str, batch_size: int = 8, device: str | None = None):
-        import torch
         from transformers import AutoModelForSequenceClassification
 
         self.tokenizer = load_rm_tokenizer(str(path), pad_token)

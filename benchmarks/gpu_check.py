@@ -316,7 +316,6 @@ def verdict_check(ctx: Context) -> dict:
     dp = max(abs(a.p_yes - b.p_yes) for a, b in zip(fast, plain))
     out = {"checks": len(parity), "identical_verdicts": same, "unscored": unscored,
            "max_p_yes_diff_reuse_vs_reencode": dp, "prefix_reuse_active": backend.can_share_prefix}
-    del model, backend
     if any(unscored.values()) or same < MIN_AGREEMENT * len(parity):
         raise PartFailed(f"fast vs parity: {same}/{len(parity)} identical, unscored {unscored}")
     if not backend_ok(dp):

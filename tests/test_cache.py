@@ -2,7 +2,6 @@
 lost or duplicated with several writer processes, a torn last line is ignored, an old SQLite cache is still read."""
 import json
 import multiprocessing as mp
-import os
 import sqlite3
 import threading
 

@@ -2,8 +2,6 @@
 import json
 import math
 import os
-from pathlib import Path
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest

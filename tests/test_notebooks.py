@@ -1,9 +1,7 @@
 """Notebook hygiene and the end-to-end papermill run of the book on the smoke profile."""
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

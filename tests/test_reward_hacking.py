@@ -1,5 +1,4 @@
 """Reward-hacking study pieces that need no model: probes, checkpoint selection, training reward, divergence."""
-from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd

@@ -84,7 +84,7 @@ from pathlib import Path
 from autorule_lib.artifacts import CorruptFileError, WriteError, write_json
 from autorule_lib.book import build_book, publishable
 from autorule_lib.run_lock import LOCK_NAME, RunLock, RunLocked
-from autorule_lib.runner import (PrerequisitesMissing, RunDirError, RunInterrupted, _declares, _notebook_ok,
+from autorule_lib.runner import (PrerequisitesMissing, RunDirError, _declares, _notebook_ok,
                                  NOTEBOOKS_DIR)
 
 

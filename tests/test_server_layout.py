@@ -2,7 +2,6 @@
 /v1/completions (backed by the trained tiny judge, so its probabilities are real), and the smoke book's
 chapters 03-06 under the README's server layout against a real `transformers serve` on loopback."""
 import json
-import math
 import os
 import shutil
 import socket
