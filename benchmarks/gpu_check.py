@@ -346,7 +346,7 @@ def part_training(ctx: Context):
 
     profile = prepared_run(ctx)
     bf16 = common_args(profile, ctx.work, learning_rate=1e-4, warmup_ratio=0.0, max_grad_norm=1.0, max_steps=1,
-                       save_steps=1, gradient_checkpointing=False)["bf16"]
+                       save_steps=1, gradient_checkpointing=False, betas=(0.9, 0.95))["bf16"]
     fig = {"bf16 mixed precision": bf16}
     variant = "autorule_uf"
     for stage, folder in (("sft", SFT), ("reward_model", RM), ("grpo", GRPO)):

@@ -120,10 +120,12 @@ def test_every_shipped_profiles_training_batches_divide(monkeypatch):
     from autorule_lib.config import PROJECT_ROOT, load_profile
     from autorule_lib.training import accumulation_steps, ppo_batch_args
 
-    for path in sorted((PROJECT_ROOT / "configs" / "profiles").glob("*.yaml")):
+    layouts = [(p, load_profile(p).num_processes) for p in sorted((PROJECT_ROOT / "configs" / "profiles").glob("*.yaml"))]
+    layouts.append((PROJECT_ROOT / "configs" / "profiles" / "smoke.yaml", 2))  # the two-rank CI profile: smoke + 2 ranks
+    for path, processes in layouts:
         profile = load_profile(path)
-        monkeypatch.setenv("WORLD_SIZE", str(profile.num_processes))
+        monkeypatch.setenv("WORLD_SIZE", str(processes))
         for name in profile.grpo_run_names():
             v = profile.grpo_variant(name)
             assert accumulation_steps(v.train_batch_size, v.per_device_batch_size, f"{path.name} {name}") >= 1
-        ppo_batch_args(profile.ppo, profile.num_processes)
+        ppo_batch_args(profile.ppo, processes)

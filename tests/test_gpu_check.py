@@ -133,7 +133,7 @@ def test_checkpointing_argument_follows_the_installed_transformers(monkeypatch):
 
     p = load_profile("smoke")
     args = lambda: T.common_args(p, Path("/tmp/x"), learning_rate=1e-4, warmup_ratio=0.0, max_grad_norm=1.0,  # noqa: E731
-                                 max_steps=1, save_steps=1, gradient_checkpointing=True)
+                                 max_steps=1, save_steps=1, gradient_checkpointing=True, betas=(0.9, 0.95))
     installed = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
         else "gradient_checkpointing"
     assert installed in args()

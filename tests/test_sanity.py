@@ -129,7 +129,7 @@ def test_sanity_table_is_complete_on_the_smoke_run(smoke_book):
 # Measured on the seeded smoke run at the end of issue 14 (a 2-core machine shared with others): 4 of 10
 # checks hold; the length penalty, AutoRule's rule satisfaction and RM-only's RM score do not move the
 # held-out numbers the expected way. strict: once training reaches them, this marker must go.
-@pytest.mark.xfail(strict=True, reason="issue 14: 6 of 10 sanity checks read 'no' on the seeded smoke run")
+@pytest.mark.xfail(strict=True, reason="issue 14: not every sanity check holds on the seeded smoke run (chapter 09's table says which)")
 @pytest.mark.slow
 def test_sanity_checks_hold_on_the_seeded_smoke_run(smoke_book):
     run_dir, _ = smoke_book
