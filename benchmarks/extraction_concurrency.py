@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autorule_lib.config import load_profile  # noqa: E402
-from autorule_lib.extraction import extract_rules, with_overrides  # noqa: E402
+from autorule_lib.profiles import load_profile  # noqa: E402
+from autorule_lib.extraction.pipeline import extract_rules, with_overrides  # noqa: E402
 from autorule_lib.loopback_server import LoopbackChatServer, extraction_responder  # noqa: E402
 
 

@@ -8,10 +8,10 @@ its error and the next part still runs):
                       every non-CPU device takes) against whole-sequence logits, in fp32 and bf16; and the
                       fast verifier's verdicts against parity generation on the smoke profile's tiny judge
   training_stages     the smoke profile's SFT, reward model (with mu/sigma) and GRPO ``autorule_uf`` in bf16 on
-                      the device, one process, through ``autorule_lib.training_stages.run_stage`` as the book
+                      the device, one process, through ``autorule_lib.train.launch.run_stage`` as the book
   verifier_benchmark  ``benchmarks/verifier_throughput.py --model llama8b-random``: fast vs parity at K = 25,
                       conversations lengthened to ~800 tokens (judge prompts of ~1k tokens)
-  grpo_breakdown      GRPO steps (``autorule_lib.training.train_grpo``) of a Llama-3.2-1B-shaped random policy
+  grpo_breakdown      GRPO steps (``autorule_lib.train.grpo.train_grpo``) of a Llama-3.2-1B-shaped random policy
                       with the rule reward at K = 25 (a 1B-shaped random judge, fast mode) and a 1B-shaped
                       random RM: generation, verification, RM scoring and optimizer step as shares of a step
 
@@ -82,7 +82,7 @@ class Context:
 
     def profile(self):
         """The smoke profile on this device, in bf16 on a GPU as a GPU profile would run it."""
-        from autorule_lib.config import load_profile
+        from autorule_lib.profiles import load_profile
 
         p = load_profile("smoke")
         # bf16 on the GPU; the CPU rehearsal keeps fp32, where bf16 matrix products are only slow
@@ -180,7 +180,7 @@ def write_report(path: Path, parts: list[Part], ctx: Context, info: dict, total_
 def prepared_run(ctx: Context):
     """The run directory's stage-01 sets and stage-02 rule set, built once from the fixtures."""
     from autorule_lib.artifacts import provenance, write_json
-    from autorule_lib.data import prepare_data
+    from autorule_lib.data.preparation import prepare_data
     from verifier_throughput import RULES
 
     profile = ctx.profile()
@@ -199,7 +199,7 @@ def prepared_run(ctx: Context):
 @contextlib.contextmanager
 def non_cpu_attention_path():
     """On a CPU, make shared-prefix attention take the path every other device takes (no fused CPU kernel)."""
-    from autorule_lib import shared_prefix
+    from autorule_lib.verify import shared_prefix
 
     saved = shared_prefix._CPU_FUSED
     shared_prefix._CPU_FUSED = None
@@ -256,7 +256,7 @@ def attention_layout(ctx: Context, vocab: int):
 def attention_check(ctx: Context, dtype_name: str) -> dict:
     import torch
 
-    from autorule_lib import shared_prefix
+    from autorule_lib.verify import shared_prefix
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     model = _random_llama(ctx, dtype)
@@ -289,9 +289,10 @@ def attention_check(ctx: Context, dtype_name: str) -> dict:
 
 def verdict_check(ctx: Context) -> dict:
     """Fast (prefix reuse) vs parity generation, and fast with vs without prefix reuse, on the tiny judge."""
-    from autorule_lib.tiny_verifier import ensure_tiny_verifier
-    from autorule_lib.verifier import RuleVerifier, load_local_judge, load_template
-    from autorule_lib.verifier_backends import TransformersJudge
+    from autorule_lib.smoke.verifier import ensure_tiny_verifier
+    from autorule_lib.verify.verifier import RuleVerifier, load_local_judge
+    from autorule_lib.verify.prompt import load_template
+    from autorule_lib.verify.backends import TransformersJudge
     from verifier_throughput import RULES, conversations
 
     profile = ctx.profile()
@@ -341,8 +342,8 @@ def part_correctness(ctx: Context):
 
 def part_training(ctx: Context):
     from autorule_lib.artifacts import read_json
-    from autorule_lib.training import common_args
-    from autorule_lib.training_stages import GRPO, RM, SFT, artifacts, run_stage
+    from autorule_lib.train.common import common_args
+    from autorule_lib.train.launch import GRPO, RM, SFT, artifacts, run_stage
 
     profile = prepared_run(ctx)
     bf16 = common_args(profile, ctx.work, learning_rate=1e-4, warmup_ratio=0.0, max_grad_norm=1.0, max_steps=1,
@@ -527,11 +528,13 @@ def part_grpo_breakdown(ctx: Context):
     from transformers import AutoTokenizer, LlamaForCausalLM, LlamaForSequenceClassification
 
     from autorule_lib.artifacts import read_json
-    from autorule_lib.rewards import build_reward_funcs
-    from autorule_lib.training import RewardModelScorer, train_grpo
-    from autorule_lib.training_stages import uf_sets
-    from autorule_lib.verifier import RuleVerifier, load_template
-    from autorule_lib.verifier_backends import TransformersJudge
+    from autorule_lib.train.rewards import build_reward_funcs
+    from autorule_lib.train.reward_model import RewardModelScorer
+    from autorule_lib.train.grpo import train_grpo
+    from autorule_lib.train.launch import uf_sets
+    from autorule_lib.verify.verifier import RuleVerifier
+    from autorule_lib.verify.prompt import load_template
+    from autorule_lib.verify.backends import TransformersJudge
     from verifier_throughput import RULES
 
     profile = prepared_run(ctx)

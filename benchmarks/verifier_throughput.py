@@ -7,7 +7,7 @@ Same judge model, same conversations, same 25 rules, same batch size, verdict ca
   fast    conversation_first  one forward pass per (response, rule), every prompt encoded whole
   fast    conversation_first  the same with prefix reuse: the judge instructions encoded once per call,
                               each response's conversation once, each rule's suffix attending to them
-                              (``autorule_lib/shared_prefix.py``)
+                              (``autorule_lib/verify/shared_prefix.py``)
 
   fast_vs_parity_speedup = parity (conversation_first) seconds / fast with prefix reuse seconds
   prefix_reuse_speedup   = fast re-encoding seconds / fast with prefix reuse seconds
@@ -45,8 +45,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autorule_lib.config import load_profile  # noqa: E402
-from autorule_lib.verifier import RuleVerifier, load_template, messages_conversation  # noqa: E402
+from autorule_lib.profiles import load_profile  # noqa: E402
+from autorule_lib.verify.verifier import RuleVerifier
+from autorule_lib.verify.prompt import load_template, messages_conversation  # noqa: E402
 
 RULES = [  # 25 rules in the style of extracted ones (the paper's UF set has 25)
     "The assistant's responses should answer the exact question that was asked.",
@@ -96,7 +97,7 @@ def conversations(profile, tokenizer, n: int, max_tokens: int, target_tokens: in
     With ``target_tokens``, each response is lengthened with the text of other fixture responses until its
     conversation has at least that many tokens (the fixtures' are short; the paper's judge sees responses of
     up to ~500 Llama-3 tokens), and ``max_tokens`` is not applied."""
-    from autorule_lib.data import load_source
+    from autorule_lib.data.preparation import load_source
 
     rows = load_source(profile.data.ultrafeedback_source, ["test_prefs"])["test_prefs"]
     filler = [row[side][1]["content"] for row in rows for side in ("chosen", "rejected") if row[side][1]["content"]]
@@ -118,10 +119,11 @@ def load_judge(args, profile):
     """(backend, stop-capped max_new_tokens) for the chosen model."""
     import torch
 
-    from autorule_lib.tiny_models import ensure_tiny_models
-    from autorule_lib.tiny_verifier import ensure_tiny_verifier
-    from autorule_lib.verifier import YES, load_local_judge
-    from autorule_lib.verifier_backends import TransformersJudge
+    from autorule_lib.smoke.models import ensure_tiny_models
+    from autorule_lib.smoke.verifier import ensure_tiny_verifier
+    from autorule_lib.verify.verdict import YES
+    from autorule_lib.verify.verifier import load_local_judge
+    from autorule_lib.verify.backends import TransformersJudge
 
     models_dir = Path(args.models_dir or tempfile.mkdtemp(prefix="verifier-bench-"))
     if args.model == "tiny":
@@ -157,8 +159,8 @@ def token_counts(tokenizer, convs) -> str:
     Their ratio bounds what prefix reuse can save in encoded tokens: the rule, the chat template's end
     and the forced answer start are encoded once per rule in any case.
     """
-    from autorule_lib.verifier import prompt_token_ids
-    from autorule_lib.verifier_backends import _common_prefix_len
+    from autorule_lib.verify.prompt import prompt_token_ids
+    from autorule_lib.verify.backends import _common_prefix_len
 
     tpl = load_template("conversation_first")
     prompts = [prompt_token_ids(tokenizer, tpl, [(conv, r) for r in RULES]) for conv in convs]

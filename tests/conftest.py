@@ -42,7 +42,7 @@ def mt_row(question_id=81, winner="model_a", turn=1, model_a="gpt-4", model_b="l
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models on one thread: immune to CPU contention from other processes."""
-    from autorule_lib.tiny_verifier import one_torch_thread as one_thread
+    from autorule_lib.smoke.verifier import one_torch_thread as one_thread
 
     with one_thread():
         yield
@@ -69,7 +69,7 @@ def smoke_run(tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("smoke_run")
     env = {**os.environ, **FAKE_SECRETS}
-    result = subprocess.run([sys.executable, "-m", "autorule_lib.cli", "run", "--profile", "smoke", "--output-dir",
+    result = subprocess.run([sys.executable, "-m", "autorule_lib.book.cli", "run", "--profile", "smoke", "--output-dir",
                              str(run_dir)], env=env, capture_output=True, text=True, timeout=900)
     return run_dir, env, result
 
@@ -88,7 +88,7 @@ def smoke_book(request):
         return Path(given), html
     run_dir, env, result = request.getfixturevalue("smoke_run")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    book = subprocess.run([sys.executable, "-m", "autorule_lib.cli", "book", "--profile", "smoke", "--output-dir",
+    book = subprocess.run([sys.executable, "-m", "autorule_lib.book.cli", "book", "--profile", "smoke", "--output-dir",
                            str(run_dir)], env=env, capture_output=True, text=True, timeout=600)
     assert book.returncode == 0, book.stdout[-3000:] + book.stderr[-3000:]
     return run_dir, run_dir / "book" / "_build" / "html"

@@ -2,8 +2,9 @@ import math
 
 import pytest
 
-from autorule_lib import agreement as ag
-from autorule_lib.verifier import Verdict, unscored
+from autorule_lib.book.figures import plot_rule_agreement
+from autorule_lib.verify import agreement as ag
+from autorule_lib.verify.verdict import Verdict, unscored
 from conftest import mt_row, uf_row
 
 
@@ -89,5 +90,5 @@ def test_plot(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    ax = ag.plot_rule_agreement(ag.rule_table(pair_verdicts(CHOSEN, REJECTED)), "t")
+    ax = plot_rule_agreement(ag.rule_table(pair_verdicts(CHOSEN, REJECTED)), "t")
     assert len(ax.patches) == 3 and ax.get_title() == "t"

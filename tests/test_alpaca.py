@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from autorule_lib import alpaca
+from autorule_lib.evaluate import alpaca
 
 SEED = Path(__file__).resolve().parents[1] / "fixtures" / "authors_readme" / "evaluation_texts.md"
 # fixtures/authors_readme/evaluation_texts.md §2, restored layout.
@@ -148,7 +148,7 @@ def test_running_alpaca_eval_uses_the_written_config_and_keeps_weights_out_of_si
 
 
 def test_run_mode_says_what_is_missing_before_generating(monkeypatch):
-    from autorule_lib.evaluation import check_alpaca_eval_can_run
+    from autorule_lib.evaluate.evaluator import check_alpaca_eval_can_run
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(RuntimeError, match="OPENAI_API_KEY.*'annotations'"):

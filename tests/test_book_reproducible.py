@@ -68,7 +68,7 @@ def test_two_smoke_book_runs_write_identical_metrics(tmp_path, smoke_run):
     first, _, result = smoke_run  # the suite's own smoke run (its fake secrets change no number) ...
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     second = tmp_path / "b"  # ... and a second one from scratch in another directory
-    done = subprocess.run([sys.executable, "-m", "autorule_lib.cli", "run", "--profile", "smoke", "--output-dir",
+    done = subprocess.run([sys.executable, "-m", "autorule_lib.book.cli", "run", "--profile", "smoke", "--output-dir",
                            str(second)], cwd=PROJECT_ROOT, env=dict(os.environ), capture_output=True, text=True,
                           timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

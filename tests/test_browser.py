@@ -30,8 +30,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from autorule_lib.book import build_book
-from autorule_lib.book_pages import absolute_paths
+from autorule_lib.book.html import build_book
+from autorule_lib.book.pages import absolute_paths
 from autorule_lib.config import PROJECT_ROOT
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -290,7 +290,8 @@ def test_small_book_renders_cleanly(browser, tmp_path):
 
 def test_small_book_checks_fail_on_the_old_pages(browser, tmp_path, monkeypatch):
     """Without the page preparation (plain copies, as before) the same checks report the problems."""
-    from autorule_lib import book, book_pages
+    from autorule_lib.book import html as book
+    from autorule_lib.book import pages as book_pages
 
     monkeypatch.setattr(book_pages, "prepare_notebook", lambda src, dst, run_dir: shutil.copy2(src, dst))
     monkeypatch.setattr(book_pages, "relativize_tree", lambda root, run_dir: [])
@@ -320,7 +321,7 @@ def test_smoke_book_in_the_browser(browser, smoke_book):
 # Without a browser: the page preparation itself ------------------------------------------------------
 
 def test_prepare_notebook_hides_parameters_and_relativizes_paths(tmp_path):
-    from autorule_lib.book_pages import prepare_notebook
+    from autorule_lib.book.pages import prepare_notebook
 
     run_dir = small_run(tmp_path / "run")
     out = tmp_path / "page.ipynb"

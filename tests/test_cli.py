@@ -9,10 +9,11 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from autorule_lib.cli import build_parser, main
-from autorule_lib.config import PROJECT_ROOT, load_profile
+from autorule_lib.book.cli import build_parser, main
+from autorule_lib.config import PROJECT_ROOT
+from autorule_lib.profiles import load_profile
 
-CLI = [sys.executable, "-m", "autorule_lib.cli"]
+CLI = [sys.executable, "-m", "autorule_lib.book.cli"]
 
 
 @pytest.mark.parametrize("llm", ["bedrock", "openai", "local"])
@@ -25,8 +26,8 @@ def test_spending_extraction_requires_a_named_profile(llm, tmp_path, capsys):
 
 def test_extract_rules_on_the_smoke_profile_works_with_its_defaults(tmp_path):
     """Replayed responses answer chapter 02's examples: the command reads chapter 01's prepared sets."""
-    from autorule_lib.config import run_dir
-    from autorule_lib.data import prepare_data
+    from autorule_lib.profiles import run_dir
+    from autorule_lib.data.preparation import prepare_data
 
     prof_file = tmp_path / "smoke.yaml"
     prof_file.write_text(f"extends: smoke\nname: smoke\nruns_dir: {tmp_path / 'runs'}\n")
@@ -71,7 +72,7 @@ def test_texts_readers_see_point_inside_the_repository():
     for path in sorted((PROJECT_ROOT / "notebooks").glob("*.ipynb")):
         for cell in nbformat.read(path, as_version=4).cells:
             assert not OUTSIDE_REFERENCES.search(cell.source), (path.name, cell.source[:200])
-    assert not OUTSIDE_REFERENCES.search((PROJECT_ROOT / "autorule_lib" / "estimates.py").read_text())
+    assert not OUTSIDE_REFERENCES.search((PROJECT_ROOT / "autorule_lib" / "cluster" / "estimates.py").read_text())
     for link in re.findall(r"\(\.\./([^)#]+)", "".join(
             c.source for p in (PROJECT_ROOT / "notebooks").glob("*.ipynb")
             for c in nbformat.read(p, as_version=4).cells if c.cell_type == "markdown")):

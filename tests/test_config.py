@@ -2,7 +2,8 @@ import textwrap
 
 import pytest
 
-from autorule_lib.config import ConfigError, PROJECT_ROOT, load_profile
+from autorule_lib.config import ConfigError, PROJECT_ROOT
+from autorule_lib.profiles import load_profile
 
 
 def write(tmp_path, text, name="p.yaml"):
@@ -69,7 +70,7 @@ def test_hash_tracks_values_not_layout(tmp_path):
 
 
 def test_frozen_profile_reloads_to_same_hash(tmp_path):
-    from autorule_lib.config import dump_profile
+    from autorule_lib.profiles import dump_profile
 
     p = load_profile("smoke")
     assert load_profile(dump_profile(p, tmp_path / "profile.yaml")).hash() == p.hash()
@@ -83,7 +84,7 @@ def test_grpo_runs_must_name_variants(tmp_path):
 
 def test_method_choices_table_lists_every_fidelity_switch():
     """Chapter 00's table: every switch of issue 13, this run's value next to the original's."""
-    from autorule_lib.config import load_profile
+    from autorule_lib.profiles import load_profile
 
     rows = {r["setting"]: r for r in load_profile("paper").method_choices()}
     for setting in ("verifier criteria (concise_clause)", "verifier answer with no verdict (unparseable_as_no)",
@@ -104,7 +105,8 @@ def test_method_choices_table_lists_every_fidelity_switch():
 def test_rule_set_file_must_exist_and_is_named(tmp_path):
     import pytest
 
-    from autorule_lib.config import ConfigError, load_profile
+    from autorule_lib.config import ConfigError
+    from autorule_lib.profiles import load_profile
 
     prof = tmp_path / "mine.yaml"
     prof.write_text("extends: paper\ngrpo_variants: {appendix: {reward: autorule, rule_set_file: ./appendix.json}}\n")
@@ -117,8 +119,10 @@ def test_rule_set_file_must_exist_and_is_named(tmp_path):
 def test_every_shipped_profiles_training_batches_divide(monkeypatch):
     """Each profile's batches split into its processes' micro-batches for every GRPO run and the PPO run:
     a per-run micro-batch inherited from another profile must not exceed or misdivide this one's batch."""
-    from autorule_lib.config import PROJECT_ROOT, load_profile
-    from autorule_lib.training import accumulation_steps, ppo_batch_args
+    from autorule_lib.config import PROJECT_ROOT
+    from autorule_lib.profiles import load_profile
+    from autorule_lib.train.common import accumulation_steps
+    from autorule_lib.train.ppo import ppo_batch_args
 
     layouts = [(p, load_profile(p).num_processes) for p in sorted((PROJECT_ROOT / "configs" / "profiles").glob("*.yaml"))]
     layouts.append((PROJECT_ROOT / "configs" / "profiles" / "smoke.yaml", 2))  # the two-rank CI profile: smoke + 2 ranks

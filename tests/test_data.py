@@ -3,8 +3,7 @@ import json
 import pytest
 
 from autorule_lib.config import DataConfig
-from autorule_lib.data import (SchemaError, filter_reasons, load_source, prepare_mt_bench, prepare_ultrafeedback,
-                               sample_per_question, split_questions, add_content_columns, save_sets)
+from autorule_lib.data.preparation import SchemaError, filter_reasons, load_source, prepare_mt_bench, prepare_ultrafeedback, sample_per_question, split_questions, add_content_columns, save_sets
 from conftest import mt_row, uf_row
 
 

@@ -6,7 +6,8 @@ import types
 import pytest
 
 from autorule_lib import engines
-from autorule_lib.config import ConfigError, load_profile
+from autorule_lib.config import ConfigError
+from autorule_lib.profiles import load_profile
 
 
 class FakeCore:
@@ -86,7 +87,7 @@ def test_alpaca_eval_run_releases_others_first_and_its_engine_after(monkeypatch,
     pytest.importorskip("alpaca_eval")
     import alpaca_eval.main
 
-    from autorule_lib import alpaca
+    from autorule_lib.evaluate import alpaca
 
     mod = types.ModuleType("alpaca_eval.decoders.vllm_local")
     mod.llm = mod.llmModelName = mod.tokenizer = None
@@ -106,9 +107,9 @@ def test_alpaca_eval_run_releases_others_first_and_its_engine_after(monkeypatch,
 
 
 def test_generation_engine_gets_the_profile_share_and_leaves_before_the_judge(fake_vllm, tmp_path, models_dir):
-    from autorule_lib import generation
-    from autorule_lib.judge import LikelihoodJudge
-    from autorule_lib.tiny_models import ensure_tiny_models
+    from autorule_lib.evaluate import generation
+    from autorule_lib.evaluate.judge import LikelihoodJudge
+    from autorule_lib.smoke.models import ensure_tiny_models
 
     prof = load_profile("smoke")
     prof.evaluation.vllm_gpu_memory_utilization = 0.6
@@ -129,9 +130,9 @@ def test_generation_engine_gets_the_profile_share_and_leaves_before_the_judge(fa
 
 def test_local_judge_engine_is_released_before_generation(fake_vllm, models_dir):
     """Chapter 07 (single_gpu): the local judge's vLLM engine is not kept for the whole chapter."""
-    from autorule_lib import generation
-    from autorule_lib.llm import LocalClient
-    from autorule_lib.tiny_models import ensure_tiny_models
+    from autorule_lib.evaluate import generation
+    from autorule_lib.llm.clients import LocalClient
+    from autorule_lib.smoke.models import ensure_tiny_models
 
     client = LocalClient("judge-model", device="cuda", gpu_memory_utilization=0.5, temperature=0.0, max_tokens=8)
     client.complete([{"role": "user", "content": "rate this"}])
@@ -148,7 +149,7 @@ def test_local_judge_engine_is_released_before_generation(fake_vllm, models_dir)
 def test_verifier_engine_starts_on_use_with_its_share_and_is_released(fake_vllm, models_dir):
     """Chapter 08: the verifier's engine asks for verifier.gpu_memory_utilization, not vLLM's 0.9, and
     is shut down before the next model loads."""
-    from autorule_lib.verifier import build_verifier
+    from autorule_lib.verify.verifier import build_verifier
 
     prof = load_profile("smoke")
     prof.verifier.backend, prof.verifier.gpu_memory_utilization = "vllm", 0.25
@@ -162,7 +163,7 @@ def test_verifier_engine_starts_on_use_with_its_share_and_is_released(fake_vllm,
 
 def test_reward_hacking_models_take_turns(fake_vllm, monkeypatch, tmp_path):
     """Chapter 08: the RM is loaded on first use and released before the verifier engine starts."""
-    from autorule_lib import reward_hacking as rh
+    from autorule_lib.evaluate import reward_hacking as rh
 
     order = []
 
@@ -174,7 +175,7 @@ def test_reward_hacking_models_take_turns(fake_vllm, monkeypatch, tmp_path):
         def score_texts(self, texts):
             return [0.0 for _ in texts]
 
-    import autorule_lib.training as training
+    import autorule_lib.train.reward_model as training
     monkeypatch.setattr(training, "RewardModelScorer", FakeScorer)
     rm = rh.RMScores.__new__(rh.RMScores)
     rm.path, rm.mean, rm.std, rm.pad_token, rm.device, rm.reward = tmp_path, 0.0, 1.0, None, "cuda", None
@@ -206,7 +207,7 @@ def test_no_verifier_engine_per_training_rank(monkeypatch):
 
 def test_local_extraction_runs_on_the_profile_device(monkeypatch):
     """single_gpu extraction (llm: local) used to run on CPU: make_client got no device."""
-    from autorule_lib import extraction
+    from autorule_lib.extraction.pipeline import pipeline as extraction
 
     seen = {}
 
@@ -217,14 +218,14 @@ def test_local_extraction_runs_on_the_profile_device(monkeypatch):
     monkeypatch.setattr(extraction, "make_client", fake_make_client)
     monkeypatch.setattr(extraction, "build_examples", lambda *a, **k: ([{"x": 1}], {}))
     prof = load_profile("single_gpu")
-    monkeypatch.setattr("autorule_lib.verifier.resolve_device", lambda p: p.device)
+    monkeypatch.setattr("autorule_lib.verify.verifier.resolve_device", lambda p: p.device)
     with pytest.raises(RuntimeError, match="stop here"):
         extraction.extract_rules(prof, "uf", [], "/nonexistent")
     assert seen["device"] == "cuda"
 
 
 def test_local_client_defaults_to_the_gpu_when_there_is_one(monkeypatch):
-    from autorule_lib import llm
+    from autorule_lib.llm.clients import clients as llm
 
     monkeypatch.setattr(llm, "_default_device", lambda: "cuda")
     client = llm.make_client(types.SimpleNamespace(llm="local", model="m"))

@@ -6,11 +6,11 @@ import os
 import pandas as pd
 import pytest
 
-from autorule_lib.checkpoints import checkpoints, tokenizer_folder
+from autorule_lib.train.resume import checkpoints, tokenizer_folder
 from autorule_lib.config import TinyModelConfig
-from autorule_lib.results import PAPER_RELATIVE_GAINS, relative_gains, results_table
+from autorule_lib.evaluate.results import PAPER_RELATIVE_GAINS, relative_gains, results_table
 from autorule_lib.text_format import policy_prompt
-from autorule_lib.tiny_models import build_tiny_llama, build_tiny_tokenizer
+from autorule_lib.smoke.models import build_tiny_llama, build_tiny_tokenizer
 
 CFG = TinyModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, seed=5)
 CORPUS = [f"Question {i}: name a colour. Answer: blue number {i}." for i in range(100)]
@@ -26,7 +26,7 @@ def tiny(tmp_path_factory):
 
 def test_generation_is_cached_per_checkpoint_prompt_and_settings(tiny, tmp_path):
     from autorule_lib.cache import ResponseCache
-    from autorule_lib.generation import GenerationSettings, checkpoint_id, generate
+    from autorule_lib.evaluate.generation import GenerationSettings, checkpoint_id, generate
 
     cache = ResponseCache(tmp_path / "c.sqlite")
     prompts = [policy_prompt("Name a colour."), policy_prompt("Question 3")]
@@ -48,7 +48,7 @@ def test_likelihood_judge_scores_whole_answers(tiny):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from autorule_lib.judge import LikelihoodJudge
+    from autorule_lib.evaluate.judge import LikelihoodJudge
 
     judge = LikelihoodJudge(str(tiny))
     messages = [{"role": "user", "content": "Which is better, A or B?"}]
@@ -68,8 +68,8 @@ def test_likelihood_judge_scores_whole_answers(tiny):
 
 
 def test_likelihood_mode_refuses_api_judges(tmp_path):
-    from autorule_lib.config import load_profile
-    from autorule_lib.judge import make_judge
+    from autorule_lib.profiles import load_profile
+    from autorule_lib.evaluate.judge import make_judge
 
     prof = load_profile("paper")
     prof.evaluation.judge_mode = "likelihood"
@@ -118,7 +118,7 @@ def test_results_table_marks_what_was_not_measured():
 
 
 def test_unmeasured_does_not_count_the_reference_side():
-    from autorule_lib.results import REFERENCE_NOTE, unmeasured
+    from autorule_lib.evaluate.results import REFERENCE_NOTE, unmeasured
 
     ref = {**row("sft", "uf_win_rate", None), "note": REFERENCE_NOTE}
     out = unmeasured([ref, row("sft", "mt_bench_turn_1", 5.0, unit="")], ["sft"])

@@ -12,14 +12,15 @@ from collections import Counter
 
 import pytest
 
-from autorule_lib import cli
+from autorule_lib.book import cli
 from autorule_lib.cache import ResponseCache
-from autorule_lib.config import PROJECT_ROOT, load_profile
-from autorule_lib.extraction import (ExtractionError, Example, diff_rule_sets, explain_messages, extract_rules,
-                                     load_templates, merge_messages, sample_mt, sample_uf,
-                                     serialize_conversation, stage_of)
-from autorule_lib.llm import LLMCallError, LLMResponse
-from autorule_lib.loopback_server import LoopbackChatServer, extraction_responder
+from autorule_lib.config import PROJECT_ROOT
+from autorule_lib.profiles import load_profile
+from autorule_lib.extraction.pipeline import ExtractionError, diff_rule_sets, extract_rules
+from autorule_lib.extraction.sampling import Example, sample_mt, sample_uf, serialize_conversation
+from autorule_lib.extraction.templates import explain_messages, load_templates, merge_messages, stage_of
+from autorule_lib.llm.base import LLMCallError, LLMResponse
+from loopback_server import LoopbackChatServer, extraction_responder
 from conftest import mt_row, uf_row
 
 TEMPLATES = load_templates()
@@ -240,8 +241,8 @@ def test_cli_exit_status(tmp_path, capsys):
 def test_smoke_replay_fixture_covers_the_chapter(smoke, tmp_path):
     """The recorded demonstration responses cover every call of the smoke chapter; one answer is
     repaired and one fails, visibly."""
-    from autorule_lib.data import UF_SPLITS, load_source, prepare_mt_bench, prepare_ultrafeedback
-    from autorule_lib.tiny_models import build_tiny_tokenizer, tiny_corpus
+    from autorule_lib.data.preparation import UF_SPLITS, load_source, prepare_mt_bench, prepare_ultrafeedback
+    from autorule_lib.smoke.models import build_tiny_tokenizer, tiny_corpus
 
     tok = build_tiny_tokenizer(tiny_corpus(smoke), smoke.models.tiny, tmp_path / "tok")
     uf = prepare_ultrafeedback(load_source(smoke.data.ultrafeedback_source, UF_SPLITS), tok, smoke.data)
@@ -264,9 +265,10 @@ def test_uf_sample_is_drawn_from_unfiltered_train_prefs_by_default(smoke, tmp_pa
     the filter drops; the chapter and the CLI read the same pool, and 'filtered' is a switch."""
     import dataclasses
 
-    from autorule_lib.data import UF_SPLITS, filter_reasons, load_source, prepare_ultrafeedback
-    from autorule_lib.extraction import build_examples, extract_rules_from_source, uf_sample_pool
-    from autorule_lib.tiny_models import build_tiny_tokenizer, tiny_corpus
+    from autorule_lib.data.preparation import UF_SPLITS, filter_reasons, load_source, prepare_ultrafeedback
+    from autorule_lib.extraction.sampling import build_examples, uf_sample_pool
+    from autorule_lib.extraction.pipeline import extract_rules_from_source
+    from autorule_lib.smoke.models import build_tiny_tokenizer, tiny_corpus
 
     assert smoke.extraction.uf_sample_pool == "unfiltered"
     assert uf_sample_pool(smoke, tmp_path / "uf") == (str(tmp_path / "uf" / "processed"), "train_prefs")
@@ -301,7 +303,7 @@ def test_sigkill_midway_then_rerun_loses_nothing_and_repeats_no_finished_call(tm
     src = write_source(tmp_path / "src", uf_rows(*[f"k{i}" for i in range(n)]))
     out = tmp_path / "out"
     with LoopbackChatServer(extraction_responder(), latency_s=0.15, max_requests=200, lifetime_s=120) as srv:
-        cmd = [sys.executable, "-m", "autorule_lib.cli", "extract-rules", "--dataset_type", "uf", "--source",
+        cmd = [sys.executable, "-m", "autorule_lib.book.cli", "extract-rules", "--dataset_type", "uf", "--source",
                str(src), "--output_dir", str(out), "--llm", "openai", "--base-url", srv.url, "--model", "m",
                "--uf_num_examples", str(n), "--num_proc", "2", "--profile", "smoke"]
         env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}

@@ -128,11 +128,11 @@ def test_checkpointing_argument_follows_the_installed_transformers(monkeypatch):
 
     from transformers import TrainingArguments
 
-    from autorule_lib import training as T
-    from autorule_lib.config import load_profile
+    from autorule_lib.train.common import common_args
+    from autorule_lib.profiles import load_profile
 
     p = load_profile("smoke")
-    args = lambda: T.common_args(p, Path("/tmp/x"), learning_rate=1e-4, warmup_ratio=0.0, max_grad_norm=1.0,  # noqa: E731
+    args = lambda: common_args(p, Path("/tmp/x"), learning_rate=1e-4, warmup_ratio=0.0, max_grad_norm=1.0,  # noqa: E731
                                  max_steps=1, save_steps=1, gradient_checkpointing=True, betas=(0.9, 0.95))
     installed = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
         else "gradient_checkpointing"

@@ -8,9 +8,9 @@ from botocore.stub import ANY, Stubber
 
 from autorule_lib.cache import ResponseCache
 from autorule_lib.config import ExtractionConfig
-from autorule_lib.llm import (BedrockClient, LLMCallError, OpenAICompatibleClient, RateLimiter, ReplayClient,
-                              RetryPolicy, cached_complete, make_client, messages_key, split_reasoning)
-from autorule_lib.loopback_server import LoopbackChatServer, chat_payload
+from autorule_lib.llm.clients import BedrockClient, OpenAICompatibleClient, ReplayClient, make_client
+from autorule_lib.llm.base import LLMCallError, RateLimiter, RetryPolicy, cached_complete, messages_key, split_reasoning
+from loopback_server import LoopbackChatServer, chat_payload
 
 MESSAGES = [{"role": "user", "content": "Why was A preferred?"}]
 
@@ -241,7 +241,7 @@ class CountingClient:
         return {"temperature": 0.6}
 
     def complete(self, messages, **params):
-        from autorule_lib.llm import LLMResponse
+        from autorule_lib.llm.base import LLMResponse
         self.calls += 1
         return LLMResponse(text=f"answer {self.calls}", usage={"input_tokens": 1, "output_tokens": 2})
 
@@ -282,7 +282,7 @@ def test_make_client_rejects_unknown_and_incomplete_settings():
 
 def test_local_client_generates_with_the_chat_template(tmp_path):
     from autorule_lib.config import TinyModelConfig
-    from autorule_lib.tiny_models import build_tiny_llama, build_tiny_tokenizer
+    from autorule_lib.smoke.models import build_tiny_llama, build_tiny_tokenizer
 
     cfg = TinyModelConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2)
     tok = build_tiny_tokenizer([f"rule {i} says be concise and clear" for i in range(50)], cfg, tmp_path / "m")

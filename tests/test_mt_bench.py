@@ -6,8 +6,8 @@ import pytest
 from fastchat.conversation import get_conv_template
 from fastchat.model.model_adapter import get_model_adapter, model_adapters
 
-from autorule_lib import mt_bench
-from autorule_lib.judge import JudgeReply, JudgeSpec
+from autorule_lib.evaluate import mt_bench
+from autorule_lib.evaluate.judge import JudgeReply, JudgeSpec
 from conftest import mt_row
 
 REAL_WHEEL = mt_bench.default_wheel_path()  # fetched once by `make setup`; tests never download
@@ -221,7 +221,7 @@ def test_wheel_is_checked_and_read_without_installing(tmp_path):
 
 def test_answers_are_generated_with_fastchats_bos(monkeypatch):
     """FastChat tokenises the templated prompt with the tokenizer's defaults: Llama-3 answers see a BOS."""
-    from autorule_lib import generation
+    from autorule_lib.evaluate import generation
 
     seen = []
     monkeypatch.setattr(generation, "generate", lambda ckpt, prompts, settings, cache, **kw: seen.append(settings)

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from autorule_lib import training as T
-from autorule_lib import training_stages as S
-from autorule_lib.config import PROJECT_ROOT, load_profile
+from autorule_lib.train.common import stage_finished
+from autorule_lib.train.ranks import wait_for_file
+from autorule_lib.train import launch as S
+from autorule_lib.config import PROJECT_ROOT
+from autorule_lib.profiles import load_profile
 
 
 def two_rank_profile(tmp_path: Path, name="smoke_two_ranks") -> Path:
@@ -28,7 +30,7 @@ def two_rank_profile(tmp_path: Path, name="smoke_two_ranks") -> Path:
 def test_reward_models_and_verifiers_are_built_after_accelerate_set_the_device(tmp_path, monkeypatch):
     from accelerate import PartialState
 
-    import autorule_lib.rewards as R
+    import autorule_lib.train.rewards as R
 
     PartialState._reset_state()
     seen = {}
@@ -46,7 +48,7 @@ def test_reward_models_and_verifiers_are_built_after_accelerate_set_the_device(t
 
 
 def test_a_finished_grpo_run_builds_no_reward_model_or_verifier(tmp_path, monkeypatch):
-    import autorule_lib.rewards as R
+    import autorule_lib.train.rewards as R
 
     profile = load_profile("smoke")
     sft = tmp_path / "artifacts" / S.SFT / "model"
@@ -72,7 +74,7 @@ def test_a_finished_grpo_run_builds_no_reward_model_or_verifier(tmp_path, monkey
 
 def test_reward_layout_matches_the_reward_functions_built():
     """The collector's completion check must compute the same identity as the training itself."""
-    from autorule_lib.rewards import build_reward_funcs
+    from autorule_lib.train.rewards import build_reward_funcs
 
     class Tok:
         eos_token = "</s>"
@@ -93,7 +95,7 @@ def test_a_missing_marker_is_a_clear_error_not_a_hang(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(TimeoutError, match=r"rank 1: .*done.json did not appear within 1 s .*rank 0's log"):
-        T.wait_for_file(tmp_path / "done.json", lambda: T.stage_finished(tmp_path, "abc"), "rank 0 saving", 1)
+        wait_for_file(tmp_path / "done.json", lambda: stage_finished(tmp_path, "abc"), "rank 0 saving", 1)
 
 
 def test_child_of_a_rank_runs_alone_on_that_ranks_gpu(monkeypatch):
@@ -110,7 +112,7 @@ def test_child_of_a_rank_runs_alone_on_that_ranks_gpu(monkeypatch):
 @pytest.fixture(scope="module")
 def rm_inputs(tmp_path_factory):
     """What chapter 05 reads (prepared sets, SFT model), made in one process."""
-    from autorule_lib.data import prepare_data
+    from autorule_lib.data.preparation import prepare_data
 
     run = tmp_path_factory.mktemp("rm_inputs")
     profile = load_profile("smoke")
@@ -132,7 +134,7 @@ SLOW_SAVE = """
 import os
 if os.environ.get("RANK") == "0":  # launched rank 0 only: its final save takes long (an 8B model on slow storage)
     import time
-    import autorule_lib.training as T
+    import autorule_lib.train.reward_model as T  # the stage this test runs calls its own finish
     _finish = T.finish
     def slow_finish(trainer, *a, **k):
         time.sleep(float(os.environ["SLOW_SAVE_S"]))
@@ -150,7 +152,7 @@ def test_two_ranks_agree_on_completion_despite_a_slow_save_on_rank_0(rm_inputs, 
            "OMP_NUM_THREADS": "1"}
     profile = two_rank_profile(tmp_path)
     t0 = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "autorule_lib.training_stages", "reward_model", "--launch",
+    done = subprocess.run([sys.executable, "-m", "autorule_lib.train.launch", "reward_model", "--launch",
                            "--profile", str(profile), "--run-dir", str(run)], cwd=PROJECT_ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -169,8 +171,8 @@ def test_training_stages_of_chapters_04_to_06_with_two_cpu_ranks(models_dir, tmp
     """Every training stage (SFT, RM with mu/sigma, each GRPO variant, PPO) as chapters 04-06 call it
     (``run_stage``), under `accelerate launch` with two gloo ranks on CPU. Inputs of chapters 01-03 (prepared
     sets, a rule set per source, the trained tiny verifier) are made in one process first."""
-    from autorule_lib.data import prepare_data
-    from autorule_lib.tiny_verifier import ensure_tiny_verifier
+    from autorule_lib.data.preparation import prepare_data
+    from autorule_lib.smoke.verifier import ensure_tiny_verifier
 
     profile = load_profile(two_rank_profile(tmp_path))
     run = tmp_path / "run"

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from autorule_lib.runner import NOTEBOOKS_DIR, discover_stages
+from autorule_lib.book.runner import NOTEBOOKS_DIR, discover_stages
 
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
 
@@ -31,7 +31,7 @@ def test_smoke_book_end_to_end_without_leaking_secrets(smoke_run):
     from conftest import FAKE_SECRETS
 
     tmp_path, env, run = smoke_run  # the whole book, run once per session (conftest)
-    autorule = [sys.executable, "-m", "autorule_lib.cli"]
+    autorule = [sys.executable, "-m", "autorule_lib.book.cli"]
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert {s.name for s in discover_stages()} <= set(manifest["stages"])

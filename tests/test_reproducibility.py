@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from autorule_lib.config import PROJECT_ROOT, load_profile
-from autorule_lib.data import prepare_data
-from autorule_lib.training_stages import DATA, RM, artifacts, sft_stage
+from autorule_lib.config import PROJECT_ROOT
+from autorule_lib.profiles import load_profile
+from autorule_lib.data.preparation import prepare_data
+from autorule_lib.train.launch import DATA, RM, artifacts, sft_stage
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def sft_run(tmp_path_factory):
 
 def run_stage_in_fresh_process(stage: str, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONHASHSEED": "random"}  # nothing may depend on the process's hash seed
-    return subprocess.run([sys.executable, "-m", "autorule_lib.training_stages", stage, "--profile", "smoke",
+    return subprocess.run([sys.executable, "-m", "autorule_lib.train.launch", stage, "--profile", "smoke",
                            "--run-dir", str(run_dir), *extra], cwd=PROJECT_ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
 

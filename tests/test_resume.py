@@ -7,9 +7,11 @@ import shutil
 
 import pytest
 
-from autorule_lib import training as T
-from autorule_lib.config import TinyModelConfig, load_profile
-from autorule_lib.tiny_models import build_tiny_llama, build_tiny_tokenizer
+from autorule_lib.train.resume import CHECKPOINT_MARKER
+from autorule_lib.train.sft import train_sft
+from autorule_lib.config import TinyModelConfig
+from autorule_lib.profiles import load_profile
+from autorule_lib.smoke.models import build_tiny_llama, build_tiny_tokenizer
 from test_training import ROWS, StepRecorder, rows_with_content
 
 RUN = rows_with_content(ROWS)
@@ -47,18 +49,18 @@ def read(path):
 @pytest.fixture(scope="module")
 def uninterrupted(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("whole") / "sft"
-    T.train_sft(smoke(max_steps=6), RUN, RUN[:2], tiny, out)
+    train_sft(smoke(max_steps=6), RUN, RUN[:2], tiny, out)
     return read(out / "done.json"), read(out / "log_history.json")
 
 
 def test_kill_between_last_checkpoint_and_marker_finalises_without_training_more(tiny, tmp_path, uninterrupted, capsys):
     profile, out = smoke(max_steps=6), tmp_path / "sft"
     with pytest.raises(KeyboardInterrupt):
-        T.train_sft(profile, RUN, RUN[:2], tiny, out, callbacks=[CrashAtEnd()])
+        train_sft(profile, RUN, RUN[:2], tiny, out, callbacks=[CrashAtEnd()])
     assert (out / "checkpoint-6").exists() and not (out / "done.json").exists()
 
     again = StepRecorder()
-    T.train_sft(profile, RUN, RUN[:2], tiny, out, callbacks=[again])
+    train_sft(profile, RUN, RUN[:2], tiny, out, callbacks=[again])
     assert again.steps == []  # not one step past the end
     done = read(out / "done.json")
     assert done["global_step"] == 6 and done["finalised_from"] == "checkpoint-6"
@@ -71,15 +73,15 @@ def test_kill_between_last_checkpoint_and_marker_finalises_without_training_more
 
 def test_a_marker_with_other_settings_is_not_finished_and_does_not_overtrain(tiny, tmp_path):
     profile, out = smoke(max_steps=4), tmp_path / "sft"
-    T.train_sft(profile, RUN, RUN[:2], tiny, out)
+    train_sft(profile, RUN, RUN[:2], tiny, out)
     done = read(out / "done.json")
     (out / "done.json").write_text(json.dumps({**done, "settings_hash": "0000000000000000"}))
     again = StepRecorder()
-    T.train_sft(profile, RUN, RUN[:2], tiny, out, callbacks=[again])
+    train_sft(profile, RUN, RUN[:2], tiny, out, callbacks=[again])
     assert again.steps == [] and read(out / "done.json")["settings_hash"] == done["settings_hash"]
     assert read(out / "done.json")["global_step"] == 4
     (out / "done.json").write_text('{"settings_hash": "')  # cut short by a crash: not finished either
-    T.train_sft(profile, RUN, RUN[:2], tiny, out, callbacks=[StepRecorder()])
+    train_sft(profile, RUN, RUN[:2], tiny, out, callbacks=[StepRecorder()])
     assert read(out / "done.json")["global_step"] == 4
 
 
@@ -87,19 +89,19 @@ def test_a_marker_with_other_settings_is_not_finished_and_does_not_overtrain(tin
 def test_incomplete_checkpoint_is_skipped_for_the_last_complete_one(tiny, tmp_path, uninterrupted, capsys, damage):
     profile, out = smoke(max_steps=6), tmp_path / "sft"
     with pytest.raises(KeyboardInterrupt):
-        T.train_sft(profile, RUN, RUN[:2], tiny, out, callbacks=[StepRecorder(crash_at=5)])
-    assert (out / "checkpoint-4" / T.CHECKPOINT_MARKER).exists()
+        train_sft(profile, RUN, RUN[:2], tiny, out, callbacks=[StepRecorder(crash_at=5)])
+    assert (out / "checkpoint-4" / CHECKPOINT_MARKER).exists()
     if damage == "optimizer":
         (out / "checkpoint-4/optimizer.pt").unlink()
     elif damage == "state":  # a save killed while writing the state: and so no marker yet
-        (out / "checkpoint-4" / T.CHECKPOINT_MARKER).unlink()
+        (out / "checkpoint-4" / CHECKPOINT_MARKER).unlink()
         (out / "checkpoint-4/trainer_state.json").write_text('{"global_st')
     else:  # a full disk: the weights cut short
         w = out / "checkpoint-4/model.safetensors"
         w.write_bytes(w.read_bytes()[:100])
     capsys.readouterr()
     again = StepRecorder()
-    T.train_sft(profile, RUN, RUN[:2], tiny, out, callbacks=[again])
+    train_sft(profile, RUN, RUN[:2], tiny, out, callbacks=[again])
     said = capsys.readouterr().out
     assert again.start_step == 2 and again.steps == [3, 4, 5, 6]
     assert "checkpoint-4 is incomplete" in said and "resuming from checkpoint-2" in said
@@ -114,21 +116,21 @@ def test_incomplete_checkpoint_is_skipped_for_the_last_complete_one(tiny, tmp_pa
 
 def test_checkpoints_are_marked_complete_and_rotated(tiny, tmp_path):
     out = tmp_path / "sft"
-    T.train_sft(smoke(max_steps=6, save_total_limit=2), RUN, RUN[:2], tiny, out)
+    train_sft(smoke(max_steps=6, save_total_limit=2), RUN, RUN[:2], tiny, out)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
-    marker = read(out / "checkpoint-6" / T.CHECKPOINT_MARKER)
+    marker = read(out / "checkpoint-6" / CHECKPOINT_MARKER)
     assert marker["global_step"] == 6 and "optimizer.pt" in marker["files"] and "model.safetensors" in marker["files"]
     with pytest.raises(Exception, match="save_total_limit: 1 leaves no complete checkpoint"):
-        T.train_sft(smoke(max_steps=2, save_total_limit=1), RUN, RUN[:2], tiny, tmp_path / "b")
+        train_sft(smoke(max_steps=2, save_total_limit=1), RUN, RUN[:2], tiny, tmp_path / "b")
 
 
 def test_model_only_checkpoints_restart_instead_of_resuming_with_a_fresh_optimizer(tiny, tmp_path, capsys):
     profile, out = smoke(max_steps=4, save_only_model=True), tmp_path / "sft"
     with pytest.raises(KeyboardInterrupt):
-        T.train_sft(profile, RUN, RUN[:2], tiny, out, callbacks=[StepRecorder(crash_at=3)])
+        train_sft(profile, RUN, RUN[:2], tiny, out, callbacks=[StepRecorder(crash_at=3)])
     assert not (out / "checkpoint-2/optimizer.pt").exists()
     again = StepRecorder()
-    T.train_sft(profile, RUN, RUN[:2], tiny, out, callbacks=[again])
+    train_sft(profile, RUN, RUN[:2], tiny, out, callbacks=[again])
     assert again.steps == [1, 2, 3, 4] and "training restarts from step 0" in capsys.readouterr().out
 
 
@@ -137,10 +139,10 @@ def test_a_copied_run_directory_resumes(tmp_path):
     base = build_tiny(run / "models")
     profile = smoke(max_steps=4)
     with pytest.raises(KeyboardInterrupt):
-        T.train_sft(profile, RUN, RUN[:2], base, run / "artifacts/04_sft", callbacks=[StepRecorder(crash_at=3)])
+        train_sft(profile, RUN, RUN[:2], base, run / "artifacts/04_sft", callbacks=[StepRecorder(crash_at=3)])
     copy = shutil.copytree(run, tmp_path / "elsewhere" / "copy")
     shutil.rmtree(run)  # moved, not only copied
     again = StepRecorder()
-    T.train_sft(profile, RUN, RUN[:2], str(copy / "models/policy"), copy / "artifacts/04_sft", callbacks=[again])
+    train_sft(profile, RUN, RUN[:2], str(copy / "models/policy"), copy / "artifacts/04_sft", callbacks=[again])
     assert again.start_step == 2 and again.steps == [3, 4]
     assert not list((copy / "artifacts").glob("04_sft.old*"))  # resumed, not moved aside and retrained

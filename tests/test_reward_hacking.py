@@ -3,8 +3,9 @@ from types import SimpleNamespace
 
 import pandas as pd
 
-from autorule_lib import reward_hacking as rh
-from autorule_lib.config import RewardConfig, load_profile
+from autorule_lib.evaluate import reward_hacking as rh
+from autorule_lib.config import RewardConfig
+from autorule_lib.profiles import load_profile
 
 ROW = {"prompt_id": "p0", "prompt": "Explain rain.", "rejected_content": "Water.",
        "chosen_content": "Rain forms when water vapour condenses into droplets. They fall when heavy."}

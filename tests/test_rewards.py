@@ -3,10 +3,10 @@ import math
 
 import pytest
 
-from autorule_lib.config import GRPOStageConfig, RewardConfig, load_profile
-from autorule_lib.rewards import (LengthPenalty, RMReward, RuleReward, build_reward_funcs, length_penalty_value,
-                                  load_rm_normalizer, rule_fraction, rule_reward_value)
-from autorule_lib.verifier import Verdict, unscored
+from autorule_lib.config import GRPOStageConfig, RewardConfig
+from autorule_lib.profiles import load_profile
+from autorule_lib.train.rewards import LengthPenalty, RMReward, RuleReward, build_reward_funcs, length_penalty_value, load_rm_normalizer, rule_fraction, rule_reward_value
+from autorule_lib.verify.verdict import Verdict, unscored
 
 V = lambda *values: [Verdict(v) if v is not None else unscored("unparseable") for v in values]  # noqa: E731
 
@@ -85,7 +85,7 @@ def test_rule_reward_callable_follows_trl_conventions():
 def test_no_verdict_answers_count_as_zero_and_are_logged_per_step():
     """The original's rule: an answer without [[Yes]] is 0. The response keeps its reward (its group-mate
     keeps its learning signal) and the step logs how often it happened."""
-    from autorule_lib.verifier import parse_verdict
+    from autorule_lib.verify.verdict import parse_verdict
 
     class NoVerdictOnce:
         def judge(self, conversations, rules):
@@ -185,8 +185,8 @@ def test_two_grpo_steps_with_the_autorule_reward(models_dir, tmp_path):
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from autorule_lib.tiny_models import resolve_model
-    from autorule_lib.verifier import build_verifier
+    from autorule_lib.smoke.models import resolve_model
+    from autorule_lib.verify.verifier import build_verifier
 
     profile = load_profile("smoke")
     policy = resolve_model(profile, "policy", models_dir)
@@ -213,7 +213,7 @@ def test_two_grpo_steps_with_the_autorule_reward(models_dir, tmp_path):
 
 
 def test_grpo_can_use_a_user_supplied_rule_file_with_its_hash_recorded(tmp_path):
-    from autorule_lib.rewards import rule_set_table
+    from autorule_lib.train.rewards import rule_set_table
 
     (tmp_path / "appendix.json").write_text(json.dumps(["Rule one.", "Rule two."]))
     prof = tmp_path / "mine.yaml"

@@ -1,6 +1,6 @@
 import pytest
 
-from autorule_lib.rule_parsing import parse_rule_list
+from autorule_lib.extraction.parsing import parse_rule_list
 
 R1 = "The assistant's responses should be concise."
 R2 = "The assistant's responses should cite sources."

@@ -5,8 +5,8 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from autorule_lib.config import load_profile
-from autorule_lib.runner import StageFailed, run_book, select_stages, discover_stages
+from autorule_lib.profiles import load_profile
+from autorule_lib.book.runner import StageFailed, run_book, select_stages, discover_stages
 
 
 def make_nb(path, body):
@@ -82,10 +82,9 @@ import time
 from pathlib import Path
 
 from autorule_lib.artifacts import CorruptFileError, WriteError, write_json
-from autorule_lib.book import build_book, publishable
-from autorule_lib.run_lock import LOCK_NAME, RunLock, RunLocked
-from autorule_lib.runner import (PrerequisitesMissing, RunDirError, _declares, _notebook_ok,
-                                 NOTEBOOKS_DIR)
+from autorule_lib.book.html import build_book, publishable
+from autorule_lib.book.run_lock import LOCK_NAME, RunLock, RunLocked
+from autorule_lib.book.runner import PrerequisitesMissing, RunDirError, _declares, _notebook_ok, NOTEBOOKS_DIR
 
 
 def _profile(tmp_path, text, name="mine.yaml"):
@@ -95,7 +94,7 @@ def _profile(tmp_path, text, name="mine.yaml"):
 
 
 def test_custom_profile_does_not_inherit_the_run_dir(tmp_path):
-    from autorule_lib.config import run_dir
+    from autorule_lib.profiles import run_dir
 
     mine = _profile(tmp_path, "extends: smoke\nseed: 7\n")
     assert mine.name == "mine" and run_dir(mine).name == "mine"
@@ -253,7 +252,7 @@ def test_read_json_names_a_corrupt_file(tmp_path):
 
 
 def test_failed_manifest_write_keeps_the_chapter_error(nbdir, tmp_path, monkeypatch):
-    import autorule_lib.runner as runner
+    import autorule_lib.book.runner as runner
 
     make_nb(nbdir / "00_first.ipynb", "raise ValueError('the chapter broke')")
     calls = []
@@ -299,7 +298,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(nbdir, tmp_path, capsys):
 
 
 def test_lock_is_exclusive_between_processes(tmp_path):
-    code = ("import sys, time\nfrom autorule_lib.run_lock import RunLock, RunLocked\n"
+    code = ("import sys, time\nfrom autorule_lib.book.run_lock import RunLock, RunLocked\n"
             "try:\n    RunLock(sys.argv[1]).acquire()\nexcept RunLocked:\n    print('refused'); sys.exit(0)\n"
             "print('got it'); time.sleep(3)\n")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
@@ -308,7 +307,7 @@ def test_lock_is_exclusive_between_processes(tmp_path):
     assert outs == ["got it", "refused", "refused", "refused"]
 
 
-DRIVER = ("import sys\nfrom pathlib import Path\nimport autorule_lib.runner as r\nfrom autorule_lib import cli\n"
+DRIVER = ("import sys\nfrom pathlib import Path\nimport autorule_lib.book.runner as r\nfrom autorule_lib import cli\n"
           "orig = r.run_book\nr.run_book = lambda *a, **k: orig(*a, notebooks_dir=Path(sys.argv[1]), **k)\n"
           "sys.exit(cli.main(sys.argv[2:]))\n")
 
@@ -371,7 +370,7 @@ def test_progress_bars_stay_out_of_executed_chapters(tmp_path):
     d = tmp_path / "nbs"
     d.mkdir()
     make_nb(d / "00_bars.ipynb", "from tqdm.auto import tqdm\nfor _ in tqdm(range(3), desc='loading shards'):\n    pass\n"
-            "from autorule_lib.extraction import extract_rules")
+            "from autorule_lib.extraction.pipeline import extract_rules")
     out = tmp_path / "run"
     run_book(load_profile("smoke"), output_dir=out, notebooks_dir=d, progress=False)
     cells = json.loads((out / "notebooks" / "00_bars.ipynb").read_text())["cells"]
@@ -383,7 +382,7 @@ def test_progress_bars_stay_out_of_executed_chapters(tmp_path):
 def test_stage_keeps_load_reports_out_of_the_chapter(monkeypatch, capsys):
     import transformers
 
-    from autorule_lib.stage import _quiet_progress_bars
+    from autorule_lib.book.chapter import _quiet_progress_bars
 
     monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
     before = transformers.utils.logging.get_verbosity()
@@ -398,7 +397,7 @@ def test_stage_keeps_load_reports_out_of_the_chapter(monkeypatch, capsys):
 
 def test_extraction_bar_obeys_the_runners_tqdm_disable(tmp_path, monkeypatch, capsys):
     """Chapter 02 asks for a progress bar; under the runner (TQDM_DISABLE) the book does not get it."""
-    from autorule_lib.extraction import extract_rules
+    from autorule_lib.extraction.pipeline import extract_rules
 
     smoke = load_profile("smoke")
     monkeypatch.setenv("TQDM_DISABLE", "1")

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from autorule_lib import sanity
+from autorule_lib.evaluate import sanity
 
 METHODS = ["sft", "autorule_uf", "autorule_mt", "rm_only", "length_penalty", "length_control", "ppo"]
 

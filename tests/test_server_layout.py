@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from autorule_lib.config import load_profile
-from autorule_lib.loopback_server import LoopbackChatServer
-from autorule_lib.verifier import RuleVerifier, load_template, messages_conversation, prompt_token_ids
-from autorule_lib.verifier_server import VLLMServerJudge, top_token_logprobs
+from autorule_lib.profiles import load_profile
+from loopback_server import LoopbackChatServer
+from autorule_lib.verify.verifier import RuleVerifier
+from autorule_lib.verify.prompt import load_template, messages_conversation, prompt_token_ids
+from autorule_lib.verify.server import VLLMServerJudge, top_token_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -34,14 +35,14 @@ def smoke():
 
 @pytest.fixture(scope="module")
 def local_judge(smoke, models_dir):
-    from autorule_lib.verifier import build_verifier
+    from autorule_lib.verify.verifier import build_verifier
 
     return build_verifier(smoke, models_dir, use_cache=False)
 
 
 @pytest.fixture(scope="module")
 def conversations(smoke):
-    from autorule_lib.data import load_source
+    from autorule_lib.data.preparation import load_source
 
     rows = load_source(smoke.data.ultrafeedback_source, ["test_prefs"])["test_prefs"]
     convs = [messages_conversation(r[s][:2]) for r in rows for s in ("chosen", "rejected")]
@@ -150,7 +151,7 @@ def test_top_token_logprobs_reads_token_id_keys_only():
 
 def test_profile_selects_the_server_backend_in_fast_mode(tmp_path, models_dir):
     """`verifier.backend: vllm_server` builds a fast-capable verifier (the API backend refuses fast mode)."""
-    from autorule_lib.verifier import build_verifier
+    from autorule_lib.verify.verifier import build_verifier
 
     prof = tmp_path / "server.yaml"
     prof.write_text(yaml.safe_dump({"extends": "smoke", "verifier": {
@@ -186,7 +187,7 @@ def test_smoke_chapters_03_to_06_under_the_server_layout(tmp_path, smoke, models
     cli = _transformers_cli()
     if cli is None:
         pytest.skip("no `transformers` command in this environment")
-    from autorule_lib.tiny_verifier import ensure_tiny_verifier
+    from autorule_lib.smoke.verifier import ensure_tiny_verifier
 
     verifier_dir = tmp_path / "served-verifier"
     shutil.copytree(ensure_tiny_verifier(smoke, models_dir), verifier_dir)
@@ -213,7 +214,7 @@ def test_smoke_chapters_03_to_06_under_the_server_layout(tmp_path, smoke, models
             "verifier": {"backend": "openai", "api_base_url": f"http://127.0.0.1:{port}/v1", "num_workers": 2}}))
         run_env = {**env, "OPENAI_API_KEY": "unused-by-the-local-server"}
         out = tmp_path / "run"
-        cmd = [sys.executable, "-m", "autorule_lib.cli", "run", "--profile", str(profile), "--output-dir", str(out),
+        cmd = [sys.executable, "-m", "autorule_lib.book.cli", "run", "--profile", str(profile), "--output-dir", str(out),
                "--only", "00,01,02,03,04,05,06"]
         run = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=1800)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -257,7 +258,7 @@ def test_chapter_03_with_a_served_tiny_verifier_name(tmp_path):
         env = {**os.environ, "OPENAI_API_KEY": "unused", "no_proxy": "127.0.0.1,localhost",
                "NO_PROXY": "127.0.0.1,localhost", "PYTHONHASHSEED": "0"}
         out = tmp_path / "run"
-        run = subprocess.run([sys.executable, "-m", "autorule_lib.cli", "run", "--profile", str(profile),
+        run = subprocess.run([sys.executable, "-m", "autorule_lib.book.cli", "run", "--profile", str(profile),
                               "--output-dir", str(out), "--only", "00,01,02,03"], env=env, capture_output=True,
                              text=True, timeout=1200)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -24,7 +24,7 @@ SUFFIXES = [[[3, 8], [14, 15, 16, 17, 18], [40, 2, 9]], [[7, 7, 7, 7], [21, 22]]
 @pytest.mark.parametrize("fused", [True, False])  # CPU fused kernel, and the plain path other devices take
 @pytest.mark.parametrize("head", [HEAD, []])
 def test_packed_checks_match_whole_sequences(kv_heads, fused, head, monkeypatch):
-    from autorule_lib import shared_prefix
+    from autorule_lib.verify import shared_prefix
 
     model = _model(kv_heads)
     keep = 2
@@ -43,7 +43,7 @@ def test_packed_checks_match_whole_sequences(kv_heads, fused, head, monkeypatch)
 
 def test_enabled_model_keeps_its_own_attention_elsewhere():
     """Generation and padded batches on the judge model are unchanged by enabling the dispatcher."""
-    from autorule_lib import shared_prefix
+    from autorule_lib.verify import shared_prefix
 
     model = _model(2)
     ids = torch.tensor([[0, 0, 5, 9, 3], [4, 8, 15, 16, 23]])
@@ -64,7 +64,7 @@ def test_enabled_model_keeps_its_own_attention_elsewhere():
     ([[1, 2]], [[[4, 5], [6]]], "read-out tokens"),  # would read the conversation's last token as the answer
 ])
 def test_malformed_layouts_are_refused(parts, suffixes, message):
-    from autorule_lib import shared_prefix
+    from autorule_lib.verify import shared_prefix
 
     model = _model(4)
     shared_prefix.enable(model)

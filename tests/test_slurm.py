@@ -11,10 +11,12 @@ import time
 
 import pytest
 
-from autorule_lib import slurm, training_stages
-from autorule_lib.cli import build_parser, main as cli_main
-from autorule_lib.config import PROJECT_ROOT, load_profile
-from autorule_lib.slurm import Options, SlurmError, render
+from autorule_lib.cluster import slurm
+from autorule_lib.train import launch as training_stages
+from autorule_lib.book.cli import build_parser, main as cli_main
+from autorule_lib.config import PROJECT_ROOT
+from autorule_lib.profiles import load_profile
+from autorule_lib.cluster.slurm import Options, SlurmError, render
 
 BOOK = ["00_overview", "01_data_preparation", "02_rule_extraction", "03_rule_agreement", "04_sft",
         "05_reward_model", "06_grpo", "07_evaluation", "08_reward_hacking", "09_results"]
@@ -173,11 +175,11 @@ def test_every_command_exists_in_our_cli_and_trl(tmp_path):
             assert args.output_dir == str(tmp_path / "run")
             if args.command == "run":
                 assert args.only == [name.split(".")[0]]
-        elif argv[1:3] == ["-m", "autorule_lib.slurm"]:
+        elif argv[1:3] == ["-m", "autorule_lib.cluster.slurm"]:
             assert argv[3:] == ["fetch-models", "--profile", str(tmp_path / "run" / "profile.yaml")]
             seen.add("fetch-models")
         else:
-            assert argv[1:3] == ["-m", "autorule_lib.training_stages"]
+            assert argv[1:3] == ["-m", "autorule_lib.train.launch"]
             a = training_stages.build_parser().parse_args(argv[3:])
             assert a.launch and a.stage in ("grpo", "ppo")
         for line in re.findall(r"^start_service (.*)$", text, re.M):
@@ -292,7 +294,7 @@ def test_fetch_targets_and_fetch_with_fakes():
 
 
 def test_fetch_models_command_runs(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "autorule_lib.slurm", "fetch-models", "--profile", "smoke"],
+    proc = subprocess.run([sys.executable, "-m", "autorule_lib.cluster.slurm", "fetch-models", "--profile", "smoke"],
                           capture_output=True, text=True, cwd=PROJECT_ROOT, env={**os.environ, "HF_HOME": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     assert f"fetched 0 models and 0 data sets into {tmp_path}" in proc.stdout
@@ -356,13 +358,13 @@ def test_accelerate_command_one_node_unchanged_and_multi_node(tmp_path):
     profile = load_profile("paper")
     one = training_stages.accelerate_command("sft", profile, tmp_path, environ={})
     assert one == [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "8", "--config_file",
-                   profile.accelerate_config, "-m", "autorule_lib.training_stages", "sft", "--profile",
+                   profile.accelerate_config, "-m", "autorule_lib.train.launch", "sft", "--profile",
                    str(tmp_path / "profile.yaml"), "--run-dir", str(tmp_path)]
     env = {"AUTORULE_NUM_PROCESSES": "16", "AUTORULE_NUM_MACHINES": "2", "AUTORULE_MAIN_PROCESS_IP": "node01",
            "AUTORULE_MAIN_PROCESS_PORT": "29642", "AUTORULE_NODE_LAUNCHER": "srun --nodes=2 --ntasks-per-node=1"}
     multi = training_stages.accelerate_command("grpo", profile, tmp_path, variant="autorule_uf", environ=env)
     assert multi[:4] == ["srun", "--nodes=2", "--ntasks-per-node=1", sys.executable]
-    assert multi[4:8] == ["-m", "autorule_lib.slurm", "node-rank", "--"]
+    assert multi[4:8] == ["-m", "autorule_lib.cluster.slurm", "node-rank", "--"]
     launch = multi[8:]
     for flag, value in [("--num_processes", "16"), ("--num_machines", "2"), ("--main_process_ip", "node01"),
                         ("--main_process_port", "29642")]:
@@ -383,7 +385,7 @@ def test_gpu_selection_by_position(tmp_path):
     with pytest.raises(SlurmError):
         slurm.select_gpus(3, 2, "0,1,2,3")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "4,5,6,7"}
-    proc = subprocess.run([sys.executable, "-m", "autorule_lib.slurm", "gpus", "2", "2", "--", sys.executable, "-c",
+    proc = subprocess.run([sys.executable, "-m", "autorule_lib.cluster.slurm", "gpus", "2", "2", "--", sys.executable, "-c",
                            "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"], env=env, capture_output=True,
                           text=True, cwd=PROJECT_ROOT)
     assert proc.stdout.strip() == "6,7", proc.stderr

@@ -4,7 +4,7 @@ import pytest
 
 from autorule_lib.config import TinyModelConfig
 from autorule_lib.text_format import policy_prompt, policy_text, verifier_conversation
-from autorule_lib.tiny_models import BOS, EOS, build_tiny_llama, build_tiny_tokenizer
+from autorule_lib.smoke.models import BOS, EOS, build_tiny_llama, build_tiny_tokenizer
 
 CORPUS = [f"The answer to question {i} is {i * 7}. Always explain your reasoning clearly." for i in range(200)]
 CFG = TinyModelConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, seed=3)
@@ -63,8 +63,8 @@ def test_unchanged_local_sources_are_not_reread(tmp_path, monkeypatch):
     import os
     import shutil
 
-    from autorule_lib import tiny_models
-    from autorule_lib.config import load_profile
+    from autorule_lib.smoke import models as tiny_models
+    from autorule_lib.profiles import load_profile
 
     smoke = load_profile("smoke")
     for name in ("ultrafeedback_source", "mt_bench_source"):

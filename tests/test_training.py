@@ -4,9 +4,14 @@ import json
 
 import pytest
 
-from autorule_lib.config import ConfigError, TinyModelConfig, load_profile
-from autorule_lib.tiny_models import build_tiny_llama, build_tiny_tokenizer
-from autorule_lib import training as T
+from autorule_lib.config import ConfigError, TinyModelConfig
+from autorule_lib.profiles import load_profile
+from autorule_lib.smoke.models import build_tiny_llama, build_tiny_tokenizer
+from autorule_lib.train.common import load_tokenizer
+from autorule_lib.train.grpo import grpo_args
+from autorule_lib.train.ppo import ppo_batch_args, train_ppo
+from autorule_lib.train.reward_model import RewardModelScorer, load_rm_tokenizer, normalize_score_head, rm_normalization, train_reward_model
+from autorule_lib.train.sft import sft_example, train_sft
 from conftest import uf_row
 
 ROWS = [uf_row(prompt=f"Question {i}: name a colour.", chosen=f"Blue is a calm colour number {i}.",
@@ -35,8 +40,8 @@ def rows_with_content(rows):
 
 
 def test_sft_example_has_no_bos_and_masks_the_prompt(tiny):
-    tok = T.load_tokenizer(tiny)
-    ex = T.sft_example("Hi?", "Hello.", tok, 512)
+    tok = load_tokenizer(tiny)
+    ex = sft_example("Hi?", "Hello.", tok, 512)
     assert ex["input_ids"][0] != tok.bos_token_id and ex["input_ids"][-1] == tok.eos_token_id
     n_prompt = len(tok("<|user|>Hi?<|assistant|>", add_special_tokens=False)["input_ids"])
     assert ex["labels"][:n_prompt] == [-100] * n_prompt and ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:]
@@ -68,22 +73,22 @@ def test_sft_resumes_from_last_checkpoint_and_finished_stage_is_kept(tiny, tmp_p
     rows = rows_with_content(ROWS)
     first = StepRecorder(crash_at=3)
     with pytest.raises(KeyboardInterrupt):
-        T.train_sft(profile, rows, rows[:2], tiny, tmp_path / "sft", callbacks=[first])
+        train_sft(profile, rows, rows[:2], tiny, tmp_path / "sft", callbacks=[first])
     assert first.steps == [1, 2, 3] and (tmp_path / "sft/checkpoint-2").exists()
     assert not (tmp_path / "sft/done.json").exists()
 
     second = StepRecorder()
-    T.train_sft(profile, rows, rows[:2], tiny, tmp_path / "sft", callbacks=[second])
+    train_sft(profile, rows, rows[:2], tiny, tmp_path / "sft", callbacks=[second])
     assert second.start_step == 2 and second.steps == [3, 4]  # continued, not restarted
     done = json.loads((tmp_path / "sft/done.json").read_text())
     assert done["global_step"] == 4 and (tmp_path / "sft/model/config.json").exists()
 
     third = StepRecorder()
-    T.train_sft(profile, rows, rows[:2], tiny, tmp_path / "sft", callbacks=[third])
+    train_sft(profile, rows, rows[:2], tiny, tmp_path / "sft", callbacks=[third])
     assert third.start_step is None  # finished with the same settings: not retrained
 
     changed = smoke(max_steps=2, save_steps=2, global_batch_size=2, per_device_batch_size=2)
-    T.train_sft(changed, rows, rows[:2], tiny, tmp_path / "sft")
+    train_sft(changed, rows, rows[:2], tiny, tmp_path / "sft")
     assert (tmp_path / "sft.old1/done.json").exists()  # the old run is moved aside, not deleted
     assert json.loads((tmp_path / "sft/done.json").read_text())["global_step"] == 2
 
@@ -93,46 +98,46 @@ def test_reward_model_reads_score_at_eos_and_normalises(tiny, tmp_path):
     profile.reward_model = dataclasses.replace(profile.reward_model, max_steps=2, global_batch_size=2,
                                                per_device_batch_size=2)
     rows = rows_with_content(ROWS)
-    path = T.train_reward_model(profile, rows, rows[:2], tiny, tmp_path / "rm")
-    scorer = T.RewardModelScorer(path, profile.reward_model.pad_token)
+    path = train_reward_model(profile, rows, rows[:2], tiny, tmp_path / "rm")
+    scorer = RewardModelScorer(path, profile.reward_model.pad_token)
     assert scorer.tokenizer.pad_token_id != scorer.tokenizer.eos_token_id
     # right padding must not change a text's score: it is read at its own EOS
     alone = scorer.score_texts(["<|user|>a<|assistant|>b <|end_of_text|>"])[0]
     padded = scorer.score_texts(["<|user|>a<|assistant|>b <|end_of_text|>",
                                  "<|user|>a much longer prompt here<|assistant|>and a longer answer <|end_of_text|>"])
     assert padded[0] == pytest.approx(alone, abs=1e-5)
-    stats = T.rm_normalization(scorer, rows[:4])
+    stats = rm_normalization(scorer, rows[:4])
     assert stats["n_texts"] == 8 and stats["std"] > 0
 
 
 def test_unrunnable_configs_are_rejected_before_training(tiny, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="sft: global batch 10 is not a multiple"):
-        T.train_sft(smoke(global_batch_size=10, per_device_batch_size=4), rows_with_content(ROWS), [], tiny,
+        train_sft(smoke(global_batch_size=10, per_device_batch_size=4), rows_with_content(ROWS), [], tiny,
                     tmp_path / "a")
     p = load_profile("smoke")
     p.report_to = "wandb"
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     with pytest.raises(ConfigError, match="report_to: 'wandb' needs the WANDB_API_KEY"):
-        T.train_sft(p, rows_with_content(ROWS), [], tiny, tmp_path / "b")
+        train_sft(p, rows_with_content(ROWS), [], tiny, tmp_path / "b")
     p = load_profile("smoke")
     p.grpo_variants["odd"] = {"prompts_per_rollout": 3, "num_generations": 2, "train_batch_size": 4}
     with pytest.raises(ConfigError, match="grpo: prompts_per_rollout x num_generations = 6"):
-        T.grpo_args(p, p.grpo_variant("odd"), tmp_path / "c")
+        grpo_args(p, p.grpo_variant("odd"), tmp_path / "c")
     p.reward_model = dataclasses.replace(p.reward_model, pad_token="<|not_a_token|>")
     with pytest.raises(ConfigError, match="reward_model.pad_token"):
-        T.load_rm_tokenizer(tiny, p.reward_model.pad_token)
+        load_rm_tokenizer(tiny, p.reward_model.pad_token)
 
 
 def test_grpo_kl_switch_and_loss_mapping(tmp_path):
     p = load_profile("paper")
     p.device = "auto"  # the mapping, not the hardware, is under test
-    nominal = T.grpo_args(p, p.grpo_variant("rm_only"), tmp_path)
+    nominal = grpo_args(p, p.grpo_variant("rm_only"), tmp_path)
     p.grpo = dataclasses.replace(p.grpo, kl_mode="original_zero_grad")
-    zero = T.grpo_args(p, p.grpo_variant("rm_only"), tmp_path)
+    zero = grpo_args(p, p.grpo_variant("rm_only"), tmp_path)
     assert nominal["beta"] == 1e-3 and zero["beta"] == 0.0
     assert nominal["generation_batch_size"] == 2048 and nominal["loss_type"] == "bnpo"
     assert nominal["save_steps"] == 2 * 16  # every 2 rollouts of 16 updates
-    assert T.grpo_args(p, p.grpo_variant("length_control"), tmp_path)["learning_rate"] == 3e-7
+    assert grpo_args(p, p.grpo_variant("length_control"), tmp_path)["learning_rate"] == 3e-7
 
 
 def test_rm_normalization_is_mean_and_unbiased_std_over_chosen_and_rejected():
@@ -140,7 +145,7 @@ def test_rm_normalization_is_mean_and_unbiased_std_over_chosen_and_rejected():
         def score(self, prompts, responses):
             return [{"c": 1.0, "r": 3.0}[x] for x in responses]
 
-    stats = T.rm_normalization(Fixed(), [{"prompt": "p", "chosen_content": "c", "rejected_content": "r"}])
+    stats = rm_normalization(Fixed(), [{"prompt": "p", "chosen_content": "c", "rejected_content": "r"}])
     # scores {1, 3}: unbiased std sqrt(2) as the original's torch.std (the population std would be 1)
     assert stats["mean"] == 2.0 and stats["std"] == pytest.approx(2 ** 0.5) and stats["n_texts"] == 2
     assert stats["pair_accuracy"] == 0.0
@@ -173,12 +178,12 @@ def test_rm_and_ppo_optimizers_get_the_profiles_betas(tiny, tmp_path, monkeypatc
     assert (p.reward_model.adam_beta2, p.ppo.adam_beta2) == (0.95, 0.95)
     seen, Stop = _capture_trainer_args(monkeypatch, trl, "RewardTrainer")
     with pytest.raises(Stop):
-        T.train_reward_model(p, rows_with_content(ROWS), rows_with_content(ROWS)[:2], tiny, tmp_path / "rm")
+        train_reward_model(p, rows_with_content(ROWS), rows_with_content(ROWS)[:2], tiny, tmp_path / "rm")
     assert (seen["args"].adam_beta1, seen["args"].adam_beta2) == (0.9, 0.95)
     seen, Stop = _capture_trainer_args(monkeypatch, ppo_mod, "PPOTrainer")
     (tmp_path / "rm_normalization.json").write_text(json.dumps({"mean": 0.0, "std": 1.0}))
     with pytest.raises(Stop):
-        T.train_ppo(p, rows_with_content(ROWS), tiny, tiny, tmp_path / "ppo", rm_normalizer=(0.0, 1.0))
+        train_ppo(p, rows_with_content(ROWS), tiny, tiny, tmp_path / "ppo", rm_normalizer=(0.0, 1.0))
     assert (seen["args"].adam_beta1, seen["args"].adam_beta2) == (0.9, 0.95)
 
 
@@ -221,7 +226,7 @@ def test_ppo_batch_mapping_gives_8_updates_of_128_per_1024_prompt_rollout(world)
     assert "args.local_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps" in src
     assert "Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps)" in src
     cfg = load_profile("paper").ppo
-    mapped = types.SimpleNamespace(**T.ppo_batch_args(cfg, world), num_ppo_epochs=1)
+    mapped = types.SimpleNamespace(**ppo_batch_args(cfg, world), num_ppo_epochs=1)
     assert mapped.per_device_train_batch_size * mapped.gradient_accumulation_steps * world == 1024  # the rollout
     assert _trl_ppo_update_sizes(mapped, world) == [128] * 8
     old = types.SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=1024 // world // 4,
@@ -236,7 +241,7 @@ def test_ppo_reward_is_z_normalised_in_the_reward_head(tiny):
     rm = AutoModelForSequenceClassification.from_pretrained(tiny, num_labels=1)
     x = torch.randn(3, 5, rm.config.hidden_size)
     raw = rm.score(x)
-    T.normalize_score_head(rm, mean=1.5, std=4.0)
+    normalize_score_head(rm, mean=1.5, std=4.0)
     assert torch.allclose(rm.score(x), (raw - 1.5) / 4.0, atol=1e-5)
     assert load_profile("paper").ppo.normalize_reward is True
 
@@ -244,6 +249,6 @@ def test_ppo_reward_is_z_normalised_in_the_reward_head(tiny):
 def test_grpo_micro_batch_is_per_variant_as_the_original(tmp_path):
     p = load_profile("paper")
     p.device = "auto"
-    micro = {n: T.grpo_args(p, p.grpo_variant(n), tmp_path)["per_device_train_batch_size"] for n in p.grpo_variants}
+    micro = {n: grpo_args(p, p.grpo_variant(n), tmp_path)["per_device_train_batch_size"] for n in p.grpo_variants}
     assert micro == {"autorule_uf": 4, "autorule_mt": 4, "rm_only": 16, "length_penalty": 16, "length_control": 16,
                      "autorule_uf_2ep": 4, "rm_only_2ep": 16}

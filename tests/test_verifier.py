@@ -4,11 +4,13 @@ import warnings
 
 import pytest
 
-from autorule_lib.config import VerifierConfig, load_profile
-from autorule_lib.llm import LLMCallError, LLMResponse
-from autorule_lib.verifier import (CONCISE_CLAUSE, RuleVerifier, Verdict, judge_prompt_ids, load_template,
-                                   messages_conversation, parse_verdict, prompt_token_ids, unscored)
-from autorule_lib.verifier_backends import APIJudge
+from autorule_lib.config import VerifierConfig
+from autorule_lib.profiles import load_profile
+from autorule_lib.llm.base import LLMCallError, LLMResponse
+from autorule_lib.verify.prompt import CONCISE_CLAUSE, judge_prompt_ids, load_template, messages_conversation, prompt_token_ids
+from autorule_lib.verify.verifier import RuleVerifier
+from autorule_lib.verify.verdict import Verdict, parse_verdict, unscored
+from autorule_lib.verify.backends import APIJudge
 
 CONV = "<|user|>What is 2+2?<|assistant|>It is 4."
 RULE = "The assistant's responses should state the final answer clearly."
@@ -88,7 +90,7 @@ def test_no_verdict_is_a_zero_by_default_and_still_counted():
 
 
 def test_fast_mode_low_answer_mass_follows_the_same_rule():
-    from autorule_lib.verifier_backends import _zero_truncated, verdict_from_probs
+    from autorule_lib.verify.backends import _zero_truncated, verdict_from_probs
 
     assert verdict_from_probs(0.01, 0.01, 1.0, 0.1).value == 0
     assert verdict_from_probs(0.01, 0.01, 1.0, 0.1, no_verdict_as_zero=False).value is None
@@ -210,14 +212,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def judge(smoke, models_dir):
-    from autorule_lib.verifier import build_verifier
+    from autorule_lib.verify.verifier import build_verifier
 
     return build_verifier(smoke, models_dir, use_cache=False)
 
 
 @pytest.fixture(scope="module")
 def checks(smoke):
-    from autorule_lib.data import load_source
+    from autorule_lib.data.preparation import load_source
 
     rows = load_source(smoke.data.ultrafeedback_source, ["test_prefs"])["test_prefs"]
     convs = [messages_conversation(r[s][:2]) for r in rows for s in ("chosen", "rejected")]
@@ -272,7 +274,7 @@ def test_right_truncation_switch(judge, checks):
 
 
 def test_vllm_is_optional(smoke, models_dir, judge):
-    from autorule_lib.verifier import build_verifier
+    from autorule_lib.verify.verifier import build_verifier
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -281,7 +283,7 @@ def test_vllm_is_optional(smoke, models_dir, judge):
 
 
 def test_tiny_verifier_build_is_deterministic(smoke, models_dir, tmp_path):
-    from autorule_lib.tiny_verifier import TinyVerifierSpec, train_tiny_verifier
+    from autorule_lib.smoke.verifier import TinyVerifierSpec, train_tiny_verifier
 
     spec = TinyVerifierSpec(steps=2, examples=16, held_out=2)
     a = train_tiny_verifier(smoke, models_dir / "tiny-tokenizer", tmp_path / "a", spec)
@@ -297,7 +299,7 @@ def test_verdict_json_round_trip():
 
 @pytest.mark.parametrize("layout", ["rule_first", "conversation_first"])
 def test_prompt_pieces_tokenize_like_whole_prompts(judge, checks, layout):
-    from autorule_lib.verifier import render_prompt
+    from autorule_lib.verify.prompt import render_prompt
 
     convs, rules = checks
     rules = rules + ["5-7-5 syllables.", "'Quoted' rule", "- a dash first", "ends with a space "]
@@ -321,7 +323,7 @@ class _CountingTokenizer:
 
 def test_rule_pieces_are_checked_once_per_judge_and_stay_exact(judge, checks):
     """A GRPO step re-judges the same rules: the memo skips their re-checks, never changing the ids."""
-    from autorule_lib.verifier import PieceMemo, render_prompt
+    from autorule_lib.verify.prompt import PieceMemo, render_prompt
 
     convs, rules = checks
     rules = rules + ["5-7-5 syllables.", "'Quoted' rule", "- a dash first", "ends with a space "]
@@ -339,8 +341,8 @@ def test_rule_pieces_are_checked_once_per_judge_and_stay_exact(judge, checks):
 
 
 def test_api_backends_are_built_from_the_profile(tmp_path):
-    from autorule_lib.verifier import build_verifier
-    from autorule_lib.verifier_backends import make_api_client
+    from autorule_lib.verify.verifier import build_verifier
+    from autorule_lib.verify.backends import make_api_client
 
     profile = load_profile("smoke")
     v = build_verifier(profile, tmp_path, backend="openai", client=FakeClient("[[No]]"))

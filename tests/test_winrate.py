@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from autorule_lib.judge import JudgeReply, JudgeSpec
-from autorule_lib.winrate import (ADMISSIBLE_RANKINGS, RANKING_PROMPT, bootstrap_ci, judge_pairs, parse_ranking,
-                                  ranking_prompt, summarize, uf_win_rate)
+from autorule_lib.evaluate.judge import JudgeReply, JudgeSpec
+from autorule_lib.evaluate.winrate import ADMISSIBLE_RANKINGS, RANKING_PROMPT, bootstrap_ci, judge_pairs, parse_ranking, ranking_prompt, summarize, uf_win_rate
 
 SEED = Path(__file__).resolve().parents[1] / "fixtures" / "authors_readme" / "evaluation_texts.md"
 
