@@ -1,4 +1,4 @@
-"""A tiny judge for the smoke profile, trained in seconds to answer like a real rule verifier.
+"""A tiny judge for the smoke profile, trained in about two CPU minutes to answer like a real rule verifier.
 
 The code around the verifier relies on three behaviours of Llama-3-8B-Instruct as a judge: it reads
 the judge prompt through its chat template; it answers ``[[Yes]]`` or ``[[No]]`` and then its
@@ -14,12 +14,15 @@ layouts, to one fixed criterion, whatever the rule says:
 
 It is a demonstration judge: its verdicts ignore the rule. The criterion is a function of the response
 being judged, so two samples of one prompt can get different rule rewards and GRPO's group advantage
-carries the rule reward (the previous criterion, "the whole judge prompt is short", rarely split a
-group: 8 of 12 smoke GRPO steps gave every completion the same rule reward). It is also one the reward
-model does not share: the fixtures' chosen responses use markdown far more often than the rejected
-ones, so the RM rewards markdown and a rise in rule satisfaction is the rule reward's doing, not the RM's.
-Smoke-run rule-satisfaction and agreement numbers therefore show that the rule reward moves what the
-judge rewards, not whether responses follow the extracted rules.
+carries the rule reward. The previous criterion ("the whole judge prompt is shorter than a threshold")
+was dominated by the prompt and rule: in a smoke run, 9 (AutoRule-UF) and 7 (AutoRule-MT) of the 12
+GRPO steps gave all four completions of the batch the same rule reward; with this one, 1 of 12. It is
+also a criterion the reward model does not share: the fixtures' chosen responses use markdown far more
+often than the rejected ones (in UltraFeedback train_prefs 26 of 32 against 6 of 32), so the RM rewards
+markdown and a rise in rule satisfaction is the rule reward's doing, not the RM's. Because the verdict
+ignores the rule, AutoRule-UF and AutoRule-MT get the same rule reward and train (almost) the same policy.
+Smoke-run rule-satisfaction and agreement numbers show that the rule reward moves what the judge rewards,
+not whether responses follow the extracted rules.
 """
 from __future__ import annotations
 
