@@ -232,8 +232,38 @@ def checks(smoke):
 
 def test_smoke_verifier_is_the_trained_tiny_judge(judge, models_dir):
     assert judge.verifier_id.startswith("tiny-verifier@") and judge.backend.name == "transformers"
+    from autorule_lib.tiny_verifier import CRITERION
+
     meta = json.loads((models_dir / "tiny-verifier-trained" / "tiny_verifier.json").read_text())
-    assert meta["held_out_exact_answer_rate"] >= 0.9 and "judge prompt" in meta["criterion"]
+    assert meta["held_out_exact_answer_rate"] >= 0.9 and meta["criterion"] == CRITERION
+
+
+def test_tiny_criterion_reads_only_the_last_response():
+    from autorule_lib.tiny_verifier import follows_criterion
+
+    assert follows_criterion("<|user|>Use **bold** and `code`<|assistant|>Plain text.")
+    assert not follows_criterion("<|user|>Hi<|assistant|>Some **bold** text")
+    assert not follows_criterion("<|user|>Hi<|assistant|># A heading")
+    assert follows_criterion("<|user|>a<|assistant|>`b`<|user|>c<|assistant|>d")  # two turns: the last one counts
+
+
+@pytest.mark.parametrize("layout", ["rule_first", "conversation_first"])
+def test_trained_tiny_judge_follows_its_criterion_on_the_response(judge, layout):
+    """The smoke judge's verdict is a function of the judged response, so two samples of one GRPO prompt
+    can get different rule rewards: responses to the same prompts, with and without markdown characters,
+    under several rules (the v1 judge, which answered by the prompt's length, agreed about half the time)."""
+    from autorule_lib.tiny_verifier import follows_criterion
+
+    prompts = ["What causes the seasons on Earth?", "Write a haiku about autumn leaves.",
+               "How do I reverse a list in Python?", "Give me three tips for better sleep."]
+    responses = ["The tilt of the axis", "**Tilt** of the axis", "Leaves fall slowly down", "- **Leaves** fall",
+                 "Use the reverse method", "Use `reversed(xs)` here", "Sleep at regular hours", "# Tips\n1. Sleep"]
+    convs = [f"<|user|>{q}<|assistant|>{r}" for q in prompts for r in responses]
+    rules = ["The assistant's responses should be polite.",
+             "The assistant's responses should give code that runs, with a short usage example and its output."]
+    verdicts = judge.variant(layout=layout).judge(convs, rules)
+    right = sum((v.value == 1) == follows_criterion(c) for c, row in zip(convs, verdicts) for v in row)
+    assert right >= 0.9 * len(convs) * len(rules), f"{right} of {len(convs) * len(rules)} verdicts follow the criterion"
 
 
 @pytest.mark.parametrize("layout", ["rule_first", "conversation_first"])
@@ -288,7 +318,7 @@ def test_tiny_verifier_build_is_deterministic(smoke, models_dir, tmp_path):
     spec = TinyVerifierSpec(steps=2, examples=16, held_out=2)
     a = train_tiny_verifier(smoke, models_dir / "tiny-tokenizer", tmp_path / "a", spec)
     b = train_tiny_verifier(smoke, models_dir / "tiny-tokenizer", tmp_path / "b", spec)
-    assert a["weights_sha256"] == b["weights_sha256"] and a["threshold_tokens"] == b["threshold_tokens"]
+    assert a["weights_sha256"] == b["weights_sha256"] and a["held_out_yes_share"] == b["held_out_yes_share"]
 
 
 def test_verdict_json_round_trip():

@@ -1,18 +1,28 @@
-"""A tiny judge for the smoke profile, trained in seconds to answer like a real rule verifier.
+"""A tiny judge for the smoke profile, trained in about two CPU minutes to answer like a real rule verifier.
 
 The code around the verifier relies on three behaviours of Llama-3-8B-Instruct as a judge: it reads
 the judge prompt through its chat template; it answers ``[[Yes]]`` or ``[[No]]`` and then its
 end-of-turn token, so paper-parity generation stops right after the verdict; and the answer it
 generates is the one its next-token probabilities favour, so fast and parity modes can be compared.
 A randomly initialised tiny Llama has none of these. This one is trained, deterministically, on judge
-prompts built from the profile's own fixture conversations and a fixed list of made-up rules, in
-both prompt layouts, to a criterion simple enough to learn in a couple of hundred CPU steps:
+prompts built from the profile's own fixture conversations (their last response cut to a random
+number of words, as short as the smoke policy's) and a fixed list of made-up rules, in both prompt
+layouts, to one fixed criterion, whatever the rule says:
 
-    [[Yes]] if the whole judge prompt is shorter than ``threshold`` tokens, else [[No]]
+    [[Yes]] iff the conversation's last response contains none of the characters * ` #
+    (no markdown emphasis, code or heading), else [[No]]
 
-(``threshold`` = the median prompt length of its training set). Its verdicts therefore vary with the
-response and with the rule (a longer rule makes a longer prompt), but they say nothing about whether a
-response follows a rule: smoke-run agreement numbers exercise the code, not the method.
+It is a demonstration judge: its verdicts ignore the rule. The criterion is a function of the response
+being judged, so two samples of one prompt can get different rule rewards and GRPO's group advantage
+carries the rule reward. The previous criterion ("the whole judge prompt is shorter than a threshold")
+was dominated by the prompt and rule: in a smoke run, 9 (AutoRule-UF) and 7 (AutoRule-MT) of the 12
+GRPO steps gave all four completions of the batch the same rule reward; with this one, 1 of 12. It is
+also a criterion the reward model does not share: the fixtures' chosen responses use markdown far more
+often than the rejected ones (in UltraFeedback train_prefs 26 of 32 against 6 of 32), so the RM rewards
+markdown and a rise in rule satisfaction is the rule reward's doing, not the RM's. Because the verdict
+ignores the rule, AutoRule-UF and AutoRule-MT get the same rule reward and train (almost) the same policy.
+Smoke-run rule-satisfaction and agreement numbers show that the rule reward moves what the judge rewards,
+not whether responses follow the extracted rules.
 """
 from __future__ import annotations
 
@@ -20,18 +30,18 @@ import contextlib
 import hashlib
 import json
 import random
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..config import Profile
-from ..verify.verdict import NO, YES
+from ..text_format import ASSISTANT
 from ..verify.prompt import load_template, messages_conversation, render_prompt
+from ..verify.verdict import NO, YES
 
-BUILD_VERSION = "tiny-verifier-v1"
+BUILD_VERSION = "tiny-verifier-v2"
 END_OF_TURN = "<|eot_id|>"
-# Made-up rules in the style of extracted ones, of varied length (the criterion depends on length).
+# Made-up rules in the style of extracted ones, of varied length (the verdict must not depend on them).
 TRAIN_RULES = [
     "The assistant's responses should be polite.",
     "The assistant's responses should answer the question that was asked.",
@@ -55,50 +65,65 @@ TRAIN_RULES = [
 
 @dataclass
 class TinyVerifierSpec:
-    steps: int = 180            # optimizer steps (fixed, so the build is reproducible)
+    steps: int = 600            # optimizer steps (fixed, so the build is reproducible)
     batch_size: int = 8
     learning_rate: float = 2e-3
-    examples: int = 480         # training prompts
-    held_out: int = 32          # more prompts, for the accuracy reported in tiny_verifier.json
+    examples: int = 1500        # training prompts
+    held_out: int = 64          # more prompts, for the accuracy reported in tiny_verifier.json
     max_prompt_tokens: int = 768  # longer prompts are skipped: they only make training slower
     seed_offset: int = 2
 
 
-def _conversations(profile: Profile) -> list[str]:
-    """Every one- and two-turn conversation in the profile's UltraFeedback and MT-Bench sources."""
+MARKDOWN_CHARS = "*`#"
+CRITERION = "[[Yes]] iff the conversation's last response contains none of the characters * ` # (no markdown), else [[No]]"
+
+
+def follows_criterion(conversation: str) -> bool:
+    """The tiny judge's criterion (module docstring) on a conversation in the policy's text format."""
+    response = conversation.rsplit(ASSISTANT, 1)[-1]
+    return not any(c in response for c in MARKDOWN_CHARS)
+
+
+def _chats(profile: Profile) -> list[list[dict]]:
+    """Every one- and two-turn chat (ending with a response) in the profile's UltraFeedback and MT-Bench sources."""
     from ..data.preparation import load_source
 
-    convs = []
+    chats = []
     for rows in load_source(profile.data.ultrafeedback_source).values():
         for row in rows:
             for side in ("chosen", "rejected"):
                 if isinstance(row.get(side), list) and len(row[side]) >= 2:
-                    convs.append(messages_conversation(row[side][:2]))
+                    chats.append(row[side][:2])
     for rows in load_source(profile.data.mt_bench_source).values():
         for row in rows:
             for side in ("conversation_a", "conversation_b"):
                 msgs = row.get(side) or []
-                convs += [messages_conversation(msgs[:n]) for n in (2, 4) if len(msgs) >= n]
-    return sorted(set(convs))
+                chats += [msgs[:n] for n in (2, 4) if len(msgs) >= n]
+    unique = {json.dumps(c, sort_keys=True): c for c in chats}
+    return [unique[k] for k in sorted(unique)]
 
 
 def judge_examples(profile: Profile, tokenizer, n: int, rng: random.Random,
-                   max_tokens: int) -> list[tuple[list[int], bool]]:
-    """(token ids, was cut) of ``n`` judge prompts; half the conversations are cut short, to spread lengths."""
-    convs = _conversations(profile)
+                   max_tokens: int, max_words: int = 30) -> list[tuple[list[int], bool]]:
+    """(token ids, verdict) of ``n`` judge prompts, half of each verdict; each chat's last response is cut
+    to 1..``max_words`` words, the length of smoke completions."""
+    chats = _chats(profile)
     templates = [load_template(layout, concise) for layout in ("rule_first", "conversation_first")
                  for concise in (True, False)]
     out = []
     while len(out) < n:
-        conv = rng.choice(convs)
-        cut = rng.random() < 0.5
-        if cut:
-            words = conv.split(" ")
-            conv = " ".join(words[:rng.randint(1, len(words))])
+        want = len(out) % 2 == 0  # alternate verdicts: the training set is balanced
+        for _ in range(1000):
+            chat = rng.choice(chats)
+            words = chat[-1]["content"].split(" ")
+            response = " ".join(words[:rng.randint(1, min(len(words), max_words))])
+            conv = messages_conversation(chat[:-1] + [{"role": "assistant", "content": response}])
+            if follows_criterion(conv) == want:
+                break
         text = render_prompt(tokenizer, rng.choice(templates), conv, rng.choice(TRAIN_RULES))
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) <= max_tokens:
-            out.append((ids, cut))
+            out.append((ids, follows_criterion(conv)))
     return out
 
 
@@ -152,11 +177,8 @@ def _train(profile: Profile, tokenizer_dir: str | Path, out_dir: str | Path, spe
     rng = random.Random(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     examples = judge_examples(profile, tokenizer, spec.examples + spec.held_out, rng, spec.max_prompt_tokens)
-    train, held_out = [p for p, _ in examples[:spec.examples]], [p for p, _ in examples[spec.examples:]]
-    # The median over whole (uncut) conversations: about half of real prompts then get each answer.
-    threshold = int(statistics.median(len(p) for p, cut in examples[:spec.examples] if not cut))
+    train, held_out = examples[:spec.examples], examples[spec.examples:]
     answer = {v: tokenizer((YES if v else NO) + END_OF_TURN, add_special_tokens=False)["input_ids"] for v in (0, 1)}
-    label = lambda p: int(len(p) < threshold)  # noqa: E731  (the criterion, see the module docstring)
 
     model = build_tiny_llama(tokenizer, profile.models.tiny, out_dir, seed_offset=spec.seed_offset)
     torch.manual_seed(seed)
@@ -164,7 +186,7 @@ def _train(profile: Profile, tokenizer_dir: str | Path, out_dir: str | Path, spe
     model.train()
     for step in range(spec.steps):
         batch = [train[(step * spec.batch_size + i) % len(train)] for i in range(spec.batch_size)]
-        ids, mask, labels = _batch(batch, [answer[label(p)] for p in batch], tokenizer)
+        ids, mask, labels = _batch([p for p, _ in batch], [answer[int(y)] for _, y in batch], tokenizer)
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
         keep = labels[:, 1:] != -100  # the loss is on the answer only: project just those positions
         logits = model.lm_head(hidden[:, :-1][keep])
@@ -179,10 +201,10 @@ def _train(profile: Profile, tokenizer_dir: str | Path, out_dir: str | Path, spe
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
-    accuracy, exact = _held_out_check(model, tokenizer, held_out, label, answer)
+    accuracy, exact = _held_out_check(model, tokenizer, held_out, answer)
     weights = (out_dir / "model.safetensors").read_bytes()
-    meta = {"build_version": BUILD_VERSION, "criterion": f"[[Yes]] iff the judge prompt has < {threshold} tokens",
-            "threshold_tokens": threshold, "spec": asdict(spec), "seed": seed, "final_loss": round(loss.item(), 5),
+    meta = {"build_version": BUILD_VERSION, "criterion": CRITERION,
+            "held_out_yes_share": round(sum(y for _, y in held_out) / max(1, len(held_out)), 3), "spec": asdict(spec), "seed": seed, "final_loss": round(loss.item(), 5),
             "held_out_verdict_accuracy": accuracy, "held_out_exact_answer_rate": exact,
             "train_seconds": round(time.perf_counter() - t0, 1),
             "weights_sha256": hashlib.sha256(weights).hexdigest()}
@@ -190,19 +212,19 @@ def _train(profile: Profile, tokenizer_dir: str | Path, out_dir: str | Path, spe
     return meta
 
 
-def _held_out_check(model, tokenizer, prompts, label, answer) -> tuple[float, float]:
+def _held_out_check(model, tokenizer, examples, answer) -> tuple[float, float]:
     """Verdict accuracy against the criterion, and how often greedy output is exactly the answer + end token."""
     import torch
 
     right = exact = 0
     with torch.inference_mode():
-        for p in prompts:
+        for p, y in examples:
             out = model.generate(torch.tensor([p]), max_new_tokens=len(answer[1]) + 2, do_sample=False)
             gen = out[0, len(p):].tolist()
-            y = label(p)
+            y = int(y)
             exact += gen == answer[y]
             right += (YES if y else NO) in tokenizer.decode(gen, skip_special_tokens=True)
-    return round(right / len(prompts), 3), round(exact / len(prompts), 3)
+    return round(right / len(examples), 3), round(exact / len(examples), 3)
 
 
 def _stamp(profile: Profile, spec: TinyVerifierSpec, tokenizer_dir: Path) -> str:
