@@ -76,7 +76,7 @@ def train_ppo(profile: Profile, prompts: list[dict], sft_model: str, rm_model: s
         total_episodes=(cfg.max_steps * cfg.prompts_per_rollout if cfg.max_steps > 0
                         else cfg.num_episodes * len(ids)),
     )
-    load = lambda cls, p, **kw: cls.from_pretrained(p, **kw)
+    load = lambda cls, p, **kw: cls.from_pretrained(p, **kw)  # noqa: E731
     policy, ref = load(AutoModelForCausalLM, sft_model), load(AutoModelForCausalLM, sft_model)
     value, reward = (load(AutoModelForSequenceClassification, rm_model, num_labels=1) for _ in range(2))
     for m in (value, reward):
