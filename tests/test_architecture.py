@@ -159,6 +159,29 @@ def test_every_module_says_why_it_exists():
     assert not missing, f"modules without a docstring: {missing}"
 
 
+def readme_tree(readme: Path) -> list[str]:
+    """The paths of the README's annotated file tree (its ``## Layout`` code block; two spaces a level)."""
+    text = readme.read_text().split("## Layout", 1)[1]
+    block = text.split("```text\n", 1)[1].split("```", 1)[0]
+    paths, parents = [], []
+    for line in block.splitlines():
+        depth = (len(line) - len(line.lstrip(" "))) // 2
+        name = line.split()[0]
+        parents[depth:] = [name]
+        paths.append("".join(parents))
+    return paths
+
+
+def test_readme_tree_lists_every_module_and_only_real_files():
+    root = LIBRARY.parent
+    listed = readme_tree(root / "README.md")
+    missing_files = [p for p in listed if not (root / p).exists()]
+    modules_listed = {p for p in listed if p.endswith(".py") and p.startswith(f"{PACKAGE}/")}
+    actual = {str(p.relative_to(root)) for p in LIBRARY.rglob("*.py") if p.name != "__init__.py"}
+    assert not missing_files, f"README's tree names files that do not exist: {missing_files}"
+    assert modules_listed == actual, f"not in README's tree: {sorted(actual - modules_listed)}"
+
+
 # ---------------------------------------------------------------- the checker, on packages made to fail
 
 
