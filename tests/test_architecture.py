@@ -8,9 +8,14 @@ modules cannot be understood apart. So every import counts, at module level or i
 from __future__ import annotations
 
 import ast
+import shutil
+import subprocess
+import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 import autorule_lib
 
@@ -180,6 +185,33 @@ def test_readme_tree_lists_every_module_and_only_real_files():
     actual = {str(p.relative_to(root)) for p in LIBRARY.rglob("*.py") if p.name != "__init__.py"}
     assert not missing_files, f"README's tree names files that do not exist: {missing_files}"
     assert modules_listed == actual, f"not in README's tree: {sorted(actual - modules_listed)}"
+
+
+# ---------------------------------------------------------------- the quality gate: ruff before the tests
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_test_lints_before_it_tests():
+    lines = subprocess.run(["make", "-n", "test"], cwd=LIBRARY.parent, capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    lint = next(i for i, line in enumerate(lines) if "ruff check" in line)
+    tests = next(i for i, line in enumerate(lines) if "-m pytest" in line)
+    assert lint < tests
+
+
+def test_ruff_config_rejects_dead_code_stray_whitespace_and_stale_noqa_markers(tmp_path):
+    ruff = Path(sys.executable).parent / "ruff"
+    assert ruff.exists(), "ruff comes with the dev extra (make setup)"
+    bad = tmp_path / "bad.py"
+    bad.write_text("import os\n\n"
+                   "square = lambda x: x * x  # noqa: E731  (a marker that silences a selected rule: fine)\n"
+                   "cube = square(3) * 3  # noqa: E731\n"  # stale: nothing to silence here
+                   "done = True \n")  # trailing whitespace (W291: not in ruff's default set)
+    run = subprocess.run([str(ruff), "check", "--no-cache", "--config", str(LIBRARY.parent / "pyproject.toml"),
+                          "--output-format", "concise", str(bad)], capture_output=True, text=True)
+    assert run.returncode == 1, run.stdout + run.stderr
+    codes = sorted(line.split()[1] for line in run.stdout.splitlines() if line.startswith(str(bad)))
+    assert codes == ["F401", "RUF100", "W291"], run.stdout
 
 
 # ---------------------------------------------------------------- the checker, on packages made to fail
