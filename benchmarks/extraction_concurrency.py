@@ -5,7 +5,9 @@ Runs the same extraction (explain + extract per pair, one merge) with ``--num-pr
 fixed delay, then re-runs the N-worker extraction over its own cache and counts the requests the
 server saw. The last line reads ``concurrency_speedup=<x> cached_rerun_calls=<n>``.
 
-    .venv/bin/python benchmarks/extraction_concurrency.py --num-proc 8
+    .venv/bin/python -m benchmarks.extraction_concurrency --num-proc 8
+
+Run it as a module from the repository root: its server is the test suite's (``tests/loopback_server.py``).
 """
 from __future__ import annotations
 
@@ -17,11 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from autorule_lib.profiles import load_profile  # noqa: E402
-from autorule_lib.extraction.pipeline import extract_rules, with_overrides  # noqa: E402
-from autorule_lib.loopback_server import LoopbackChatServer, extraction_responder  # noqa: E402
+from autorule_lib.profiles import load_profile
+from autorule_lib.extraction.pipeline import extract_rules, with_overrides
+from tests.loopback_server import LoopbackChatServer, extraction_responder
 
 
 def synthetic_pairs(n: int) -> list[dict]:

@@ -42,9 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+ROOT = Path(__file__).resolve().parents[1]  # autorule_lib: installed here, on PYTHONPATH there (gpu_check.sh)
 
 # Stated tolerances of the attention check: max |packed - whole| / max |whole| over all read-out logits.
 TOLERANCE = {"fp32": 2e-4, "bf16": 4e-2}
@@ -112,7 +110,7 @@ def run_part(name: str, fn, ctx: Context) -> Part:
             raise RuntimeError(f"failure injected into {name} (--inject-failure)")
         summary, figures = fn(ctx)
         part = Part(name, True, time.perf_counter() - t0, summary, figures)
-    except Exception as e:  # noqa: BLE001 - the point: record it, run the next part
+    except Exception as e:  # the point: record it, run the next part
         tb = traceback.format_exc(limit=6)
         part = Part(name, False, time.perf_counter() - t0, f"{type(e).__name__}: {e}".splitlines()[0][:300], {},
                     tb)

@@ -9,7 +9,8 @@ SITE=${GPU_CHECK_SITE:-/tmp/site}
 OUT_DIR=${OUT:-benchmarks/results}
 ls .whl/*.whl >/dev/null 2>&1 || { echo "gpu_check.sh: no wheels in .whl/ (carry .whl; fetch: benchmarks/fetch_gpu_wheels.py)"; exit 2; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl || exit 2
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# The repository root too: autorule_lib is not installed on that machine (here `make setup` installs it).
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python3 benchmarks/fetch_gpu_wheels.py --install-fallbacks --target "$SITE" ||
   echo "gpu_check.sh: installing fallback wheels failed; going on with the image's own versions"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null

@@ -43,11 +43,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autorule_lib.profiles import load_profile  # noqa: E402
+from autorule_lib.profiles import load_profile
 from autorule_lib.verify.verifier import RuleVerifier
-from autorule_lib.verify.prompt import load_template, messages_conversation  # noqa: E402
+from autorule_lib.verify.prompt import load_template, messages_conversation
 
 RULES = [  # 25 rules in the style of extracted ones (the paper's UF set has 25)
     "The assistant's responses should answer the exact question that was asked.",

@@ -31,7 +31,7 @@ def uf_row(prompt="What is 2+2?", chosen="It is 4.", rejected="It is 5.", score_
 
 
 def mt_row(question_id=81, winner="model_a", turn=1, model_a="gpt-4", model_b="llama-13b", judge="author_0"):
-    conv = lambda who: [{"content": f"Q{question_id} turn 1", "role": "user"},
+    conv = lambda who: [{"content": f"Q{question_id} turn 1", "role": "user"},  # noqa: E731
                         {"content": f"{who} answer 1", "role": "assistant"},
                         {"content": f"Q{question_id} turn 2", "role": "user"},
                         {"content": f"{who} answer 2", "role": "assistant"}]

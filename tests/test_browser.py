@@ -137,7 +137,7 @@ class Chromium:
     def close(self) -> None:
         try:
             self.send("Browser.close", timeout=10)
-        except Exception:  # noqa: BLE001  (the browser may already be gone; it is killed below anyway)
+        except Exception:  # the browser may already be gone; it is killed below anyway
             pass
         try:
             self.proc.wait(timeout=10)

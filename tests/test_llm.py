@@ -204,15 +204,17 @@ def test_rate_limiter_requests_and_tokens_per_minute():
         now[0] += s
 
     lim = RateLimiter(requests_per_minute=2, clock=lambda: now[0], sleep=sleep)
-    lim.acquire(); lim.acquire()
+    lim.acquire()
+    lim.acquire()
     assert waits == []
     lim.acquire()  # the third request in a minute waits for the first to age out
     assert now[0] == pytest.approx(60.0)
 
     now[0], waits[:] = 0.0, []
     lim = RateLimiter(tokens_per_minute=1000, clock=lambda: now[0], sleep=sleep)
-    lim.acquire(); lim.record_tokens(600)
-    lim.acquire(); lim.record_tokens(600)  # 1200 tokens in the window now
+    for _ in range(2):
+        lim.acquire()
+        lim.record_tokens(600)  # 1200 tokens in the window after the second
     lim.acquire()
     assert now[0] >= 60.0 and waits
 

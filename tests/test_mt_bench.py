@@ -221,10 +221,8 @@ def test_wheel_is_checked_and_read_without_installing(tmp_path):
 
 def test_answers_are_generated_with_fastchats_bos(monkeypatch):
     """FastChat tokenises the templated prompt with the tokenizer's defaults: Llama-3 answers see a BOS."""
-    from autorule_lib.evaluate import generation
-
     seen = []
-    monkeypatch.setattr(generation, "generate", lambda ckpt, prompts, settings, cache, **kw: seen.append(settings)
+    monkeypatch.setattr(mt_bench, "generate", lambda ckpt, prompts, settings, cache, **kw: seen.append(settings)
                         or [{"text": "x"} for _ in prompts])
     mt_bench.answer_questions("ckpt", [Q], 8, None)
     mt_bench.answer_questions("ckpt", [Q], 8, None, bos=False)

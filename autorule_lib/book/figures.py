@@ -74,7 +74,7 @@ def plot_score_distributions(chosen: list[float], rejected: list[float], mean: f
     """Normalised RM scores of chosen vs rejected responses."""
     import matplotlib.pyplot as plt
 
-    z = lambda xs: [(x - mean) / std for x in xs]
+    z = lambda xs: [(x - mean) / std for x in xs]  # noqa: E731
     fig, ax = plt.subplots(figsize=(6, 2.8))
     ax.hist(z(chosen), bins=20, alpha=0.6, label="chosen")
     ax.hist(z(rejected), bins=20, alpha=0.6, label="rejected")
@@ -112,7 +112,7 @@ def plot_rule_agreement(table: pd.DataFrame, title: str):
 # ---------------------------------------------------------------- evaluation chapters (07-09)
 
 def _err(values, lows, highs):
-    lo = [v - l if None not in (v, l) and not math.isnan(l) else 0 for v, l in zip(values, lows)]
+    lo = [v - low if None not in (v, low) and not math.isnan(low) else 0 for v, low in zip(values, lows)]
     hi = [h - v if None not in (v, h) and not math.isnan(h) else 0 for v, h in zip(values, highs)]
     return [lo, hi]
 

@@ -23,7 +23,7 @@ from . import pages as book_pages
 from ..artifacts import read_json
 from ..config import PROJECT_ROOT
 from ..redaction import scrub_tree
-from ..artifacts import MissingArtifactError  # noqa: E402  (kept apart from the imports above: merges)
+from ..artifacts import MissingArtifactError  # kept apart from the imports above: merges
 
 BOOK_DIR = PROJECT_ROOT / "book"
 METHOD_DOC = "method.md"  # in BOOK_DIR; the chapters (notebooks/) link to it as ../book/method.md

@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 
 from ..artifacts import write_json
+from ..config import Profile
+from ..profiles import _source_fields, is_local_source
 
 HASH_CACHE = ".file_hashes.json"
 RUNNER_TOP = {"manifest.json", "profile.yaml", "notebooks", "book", "book_src", "slurm", HASH_CACHE}
@@ -101,9 +103,6 @@ class FileHashes:
 
 def local_data_digest(profile, hashes: FileHashes) -> str:
     """Content of every local file or folder the profile names (data sources, replay file, prompts...)."""
-    from ..config import Profile
-    from ..profiles import _source_fields, is_local_source
-
     parts = []
     for keys in _source_fields(Profile):
         value = profile

@@ -193,7 +193,7 @@ def estimate(profile: Profile, run_dir: Path, jobs: list) -> dict:
         row["allocated_gpu_hours"] = row["wall_hours"] * job.nodes * job.gpus
         finish[job.key] = max((finish.get(a, 0.0) for a in job.after), default=0.0) + row["wall_hours"]
         rows.append(row)
-    total = lambda k: sum(r[k] for r in rows)
+    total = lambda k: sum(r[k] for r in rows)  # noqa: E731
     return {"profile": profile.name, "profile_hash": profile.hash(), "jobs": rows,
             "total_gpu_hours": total("gpu_hours"), "total_allocated_gpu_hours": total("allocated_gpu_hours"),
             "total_verifier_calls": total("verifier_calls"),

@@ -116,7 +116,7 @@ def executables() -> dict[str, str]:
 def required_secrets(profile: Profile) -> list[str]:
     """Names (never values) of the variables this profile's stages read; the jobs warn if one is unset."""
     names = set()
-    local = lambda v: v == "tiny" or v.startswith(("/", "./", "../", "~"))
+    local = lambda v: v == "tiny" or v.startswith(("/", "./", "../", "~"))  # noqa: E731
     if not all(local(m) for m in (profile.models.policy, profile.models.verifier)):
         names.add("HF_TOKEN")  # gated Llama weights
     if profile.data.hf_username:
@@ -219,7 +219,7 @@ def plan(profile: Profile, opts: Options, run_dir: Path, stages: list[str]) -> l
     exe, frozen = executables(), str(run_dir / "profile.yaml")
     gpus = opts.gpus_per_node or max(1, profile.num_processes)
     runs = _grpo_runs(profile)
-    run_cmd = lambda s: [exe["autorule"], "run", "--profile", frozen, "--only", s, "--output-dir", str(run_dir)]
+    run_cmd = lambda s: [exe["autorule"], "run", "--profile", frozen, "--only", s, "--output-dir", str(run_dir)]  # noqa: E731
     jobs, prev, errors = [], [], []
     if opts.fetch_models not in ("job", "done", "off"):
         errors.append(f"--fetch-models {opts.fetch_models!r}: use job, done or off")

@@ -1,0 +1,1 @@
+"""The preference data the method starts from (book/method.md §1)."""

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .. import engines
 from ..artifacts import atomic_write_text
 
 # fixtures/authors_readme/evaluation_texts.md §2, restored layout, verbatim; [model-name] and [model-name/path] are filled in.
@@ -69,8 +70,6 @@ def evaluate_from_config(models_dir: str | Path, name: str, output_dir: str | Pa
 
     from alpaca_eval import constants
     from alpaca_eval.main import evaluate_from_model
-
-    from .. import engines
 
     engines.make_room("alpaca_eval")  # its engine asks for vLLM's default share: nothing else may hold the GPU
     out = Path(output_dir) / name

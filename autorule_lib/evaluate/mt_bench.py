@@ -32,6 +32,9 @@ import numpy as np
 from fastchat.conversation import Conversation, SeparatorStyle, conv_templates, get_conv_template, register_conv_template
 from fastchat.model.model_adapter import BaseModelAdapter, model_adapters, register_model_adapter
 
+from ..config import PROJECT_ROOT
+from ..data.preparation import split_questions
+from .generation import GenerationSettings, generate
 from .winrate import bootstrap_ci
 
 TEMPLATE_NAME = "ar-llama"
@@ -111,8 +114,6 @@ FETCH_HINT = "run `make setup` (or `make mt-bench-data`), which downloads it onc
 
 
 def default_wheel_path() -> Path:
-    from ..config import PROJECT_ROOT
-
     return PROJECT_ROOT / ".cache" / "mt_bench" / MT_BENCH_WHEEL["file"]
 
 
@@ -160,8 +161,6 @@ class MTBenchData:
 def heldout_questions(data: MTBenchData, split: str = "intended", limit: int | None = None) -> list[dict]:
     """The held-out questions of the data split (intended: 86-90, 96-100, ... = 40), in id order;
     ``limit`` keeps a few per category in turn (a small smoke run still sees every category)."""
-    from ..data.preparation import split_questions
-
     questions = data.questions()
     _, held = split_questions([q["question_id"] for q in questions], split)
     chosen = [q for q in questions if q["question_id"] in set(held)]
@@ -211,8 +210,6 @@ def answer_questions(checkpoint: str | Path, questions: list[dict], max_new_toke
 
     ``bos``: tokenise the prompt with the tokenizer's defaults as FastChat's gen_model_answer does
     (a Llama-3 tokenizer puts a BOS first); False: no special tokens (the policy's training format)."""
-    from .generation import GenerationSettings, generate
-
     def settings(q):
         return GenerationSettings(temperature=TEMPERATURE[q["category"]], top_p=1.0, max_new_tokens=max_new_tokens,
                                   batch_size=batch_size, seed=seed, add_special_tokens=bos)

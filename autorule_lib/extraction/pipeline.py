@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import atomic_write_text, provenance, read_json, write_json
+from ..artifacts import atomic_write_text, provenance, write_json
 from ..cache import ResponseCache
 from ..config import ExtractionConfig, Profile
 from ..data.preparation import MT_SPLIT, load_source
@@ -345,10 +345,6 @@ def stage_table(report: dict) -> list[dict]:
     """Per-stage token/cost/latency rows of a report (for a DataFrame)."""
     return [{"stage": s, **{k: v for k, v in row.items() if k != "failed_by_reason"}}
             for s, row in report["stages"].items()]
-
-
-def load_rule_set(output_dir: str | Path) -> dict:
-    return read_json(Path(output_dir) / "rules.json", made_by="02")
 
 
 def with_overrides(cfg: ExtractionConfig, **overrides) -> ExtractionConfig:

@@ -15,6 +15,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from ..cache import cache_key
+
 
 @dataclass
 class LLMResponse:
@@ -191,8 +193,6 @@ def cached_complete(client: LLMClient, cache, messages: list[dict], *, sample_in
     Identical requests in flight at the same time are made once (the others wait for the stored
     answer), so every reader of a key sees the same answer, in this run and the next.
     """
-    from ..cache import cache_key
-
     parts = cache_parts(client, messages, params, sample_index, extra)
     with _INFLIGHT_GUARD:
         lock = _INFLIGHT.setdefault(cache_key(parts), threading.Lock())

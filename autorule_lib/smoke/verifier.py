@@ -230,7 +230,7 @@ def _held_out_check(model, tokenizer, examples, answer) -> tuple[float, float]:
 def _stamp(profile: Profile, spec: TinyVerifierSpec, tokenizer_dir: Path) -> str:
     tok_digest = hashlib.sha256((tokenizer_dir / "tokenizer.json").read_bytes()).hexdigest()
     code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # a changed recipe rebuilds
-    prompts = "".join(load_template(l).version for l in ("rule_first", "conversation_first"))
+    prompts = "".join(load_template(layout).version for layout in ("rule_first", "conversation_first"))
     return json.dumps({"version": BUILD_VERSION, "tiny": asdict(profile.models.tiny), "spec": asdict(spec),
                        "tokenizer": tok_digest, "code": code, "prompts": prompts,
                        "sources": [profile.data.ultrafeedback_source, profile.data.mt_bench_source]}, sort_keys=True)

@@ -1,4 +1,4 @@
-"""Training stages on TRL's own trainers: SFT, Bradley-Terry reward model, GRPO, PPO (book/method.md §4).
+"""What every training stage shares (SFT, reward model, GRPO, PPO on TRL's own trainers; book/method.md §4).
 
 Every stage builds its TRL config from the profile, checkpoints on the profile's schedule, resumes from
 the last checkpoint when re-run, and writes ``done.json`` (settings hash + provenance) when finished so

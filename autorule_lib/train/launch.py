@@ -62,7 +62,7 @@ def reward_model_stage(profile: Profile, run_dir: Path, force: bool = False) -> 
     path = train_reward_model(profile, sets["rm_train"], sets["rm_eval"], sft_model(run_dir), out, force=force)
     norm_file = out / "rm_normalization.json"
     done = read_json(out / "done.json")  # every rank returns from training only once it exists
-    current = lambda: norm_file.exists() and read_json(norm_file).get("settings_hash") == done["settings_hash"]
+    current = lambda: norm_file.exists() and read_json(norm_file).get("settings_hash") == done["settings_hash"]  # noqa: E731
     if not current():
         if world_size() <= 1:
             write_rm_normalization(profile, run_dir)

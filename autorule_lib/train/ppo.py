@@ -10,6 +10,7 @@ from ..text_format import policy_prompt
 from .common import common_args, finish, portable, prepare_output, seed_everything, settings_hash, start
 from .ranks import world_size
 from .reward_model import load_rm_tokenizer, normalize_score_head
+from .rewards import load_rm_normalizer
 
 # ---------------------------------------------------------------- PPO
 
@@ -76,14 +77,12 @@ def train_ppo(profile: Profile, prompts: list[dict], sft_model: str, rm_model: s
         total_episodes=(cfg.max_steps * cfg.prompts_per_rollout if cfg.max_steps > 0
                         else cfg.num_episodes * len(ids)),
     )
-    load = lambda cls, p, **kw: cls.from_pretrained(p, **kw)
+    load = lambda cls, p, **kw: cls.from_pretrained(p, **kw)  # noqa: E731
     policy, ref = load(AutoModelForCausalLM, sft_model), load(AutoModelForCausalLM, sft_model)
     value, reward = (load(AutoModelForSequenceClassification, rm_model, num_labels=1) for _ in range(2))
     for m in (value, reward):
         m.config.pad_token_id = tok.pad_token_id
     if cfg.normalize_reward:  # the original's --normalize_reward: z-score with the RM's μ/σ before the KL term
-        from .rewards import load_rm_normalizer
-
         normalize_score_head(reward, *(rm_normalizer or load_rm_normalizer(Path(rm_model).parent /
                                                                            "rm_normalization.json")))
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,

@@ -16,7 +16,7 @@ from .resume import reached_end, resume_point
 
 def rm_pair(row: dict, tokenizer) -> dict:
     """Chosen and rejected as full policy texts (no BOS, ' <eos>' at the end), tokenised."""
-    enc = lambda resp: tokenizer(policy_text(row["prompt"], resp, tokenizer.eos_token),
+    enc = lambda resp: tokenizer(policy_text(row["prompt"], resp, tokenizer.eos_token),  # noqa: E731
                                  add_special_tokens=False)["input_ids"]
     return {"chosen_ids": enc(row["chosen_content"]), "rejected_ids": enc(row["rejected_content"])}
 
@@ -56,7 +56,7 @@ def train_reward_model(profile: Profile, rows: list[dict], eval_rows: list[dict]
                                                        "reward_model"),
         max_length=cfg.max_length, eval_strategy="no",
     )
-    to_ds = lambda rs: Dataset.from_list([rm_pair(r, tok) for r in rs])
+    to_ds = lambda rs: Dataset.from_list([rm_pair(r, tok) for r in rs])  # noqa: E731
     trainer = RewardTrainer(model=model, args=args, train_dataset=to_ds(rows), eval_dataset=to_ds(eval_rows),
                             processing_class=tok, callbacks=callbacks)
     start(trainer, out_dir, resume)

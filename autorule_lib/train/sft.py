@@ -44,7 +44,7 @@ def train_sft(profile: Profile, rows: list[dict], eval_rows: list[dict], base_mo
     resume = resume_point(out_dir)
     weights = str(resume[0]) if reached_end(resume[1]) else base_model  # at the end: the checkpoint's model
     tok = load_tokenizer(base_model)
-    to_ds = lambda rs: Dataset.from_list([sft_example(r["prompt"], r["chosen_content"], tok, cfg.max_length)
+    to_ds = lambda rs: Dataset.from_list([sft_example(r["prompt"], r["chosen_content"], tok, cfg.max_length)  # noqa: E731
                                           for r in rs])
     args = SFTConfig(
         **common_args(profile, out_dir, learning_rate=cfg.learning_rate, warmup_ratio=cfg.warmup_ratio,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..config import PROMPTS_DIR, VerifierConfig
+from ..text_format import ASSISTANT, USER, verifier_conversation
 from .verdict import NO, YES
 
 CONCISE_CLAUSE = " and does so concisely"
@@ -68,8 +69,6 @@ def messages_conversation(messages: Sequence[dict], eos_token: str | None = None
 
     ``verifier_conversation`` is the one-turn case; MT-Bench turn-2 judgments need both turns.
     """
-    from ..text_format import ASSISTANT, USER, verifier_conversation
-
     if len(messages) == 2:
         return verifier_conversation(messages[0]["content"], messages[1]["content"], eos_token)
     marks = {"user": USER, "assistant": ASSISTANT}
