@@ -231,7 +231,7 @@ def checks(smoke):
 
 
 def test_smoke_verifier_is_the_trained_tiny_judge(judge, models_dir):
-    assert judge.verifier_id.startswith("tiny-verifier@") and judge.backend.name == "transformers"
+    assert judge.verifier_id.startswith("tiny-verifier-trained@") and judge.backend.name == "transformers"
     meta = json.loads((models_dir / "tiny-verifier-trained" / "tiny_verifier.json").read_text())
     assert meta["held_out_exact_answer_rate"] >= 0.9 and "judge prompt" in meta["criterion"]
 
