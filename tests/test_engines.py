@@ -207,7 +207,7 @@ def test_no_verifier_engine_per_training_rank(monkeypatch):
 
 def test_local_extraction_runs_on_the_profile_device(monkeypatch):
     """single_gpu extraction (llm: local) used to run on CPU: make_client got no device."""
-    from autorule_lib.extraction.pipeline import pipeline as extraction
+    from autorule_lib.extraction import pipeline as extraction
 
     seen = {}
 
@@ -225,7 +225,7 @@ def test_local_extraction_runs_on_the_profile_device(monkeypatch):
 
 
 def test_local_client_defaults_to_the_gpu_when_there_is_one(monkeypatch):
-    from autorule_lib.llm.clients import clients as llm
+    from autorule_lib.llm import clients as llm
 
     monkeypatch.setattr("autorule_lib.models.default_device", lambda: "cuda")
     client = llm.make_client(types.SimpleNamespace(llm="local", model="m"))
