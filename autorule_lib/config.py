@@ -49,6 +49,10 @@ class ModelsConfig:
     policy: str = _f("meta-llama/Meta-Llama-3-8B", "Base policy: Hub id, local path, or 'tiny' (built locally).")
     tokenizer: Optional[str] = _f(None, "Policy tokenizer; defaults to the policy's own.")
     verifier: str = _f("meta-llama/Meta-Llama-3-8B-Instruct", "Rule verifier model: Hub id, path or 'tiny'.")
+    build: Optional[Literal["tiny"]] = _f(
+        None, "Name that stands for models built locally: a role (policy, tokenizer, verifier, "
+              "evaluation.judge_model) set to it is built by the smoke fixture builder and found through "
+              "<run>/models/registry.json ('tiny': tiny Llamas on fixture text; null: every role is a Hub id or path).")
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig, metadata={"help": "Shape of 'tiny' models."})
 
 
@@ -311,6 +315,8 @@ class EvaluationConfig:
 class Profile:
     name: str = _f("custom", "Profile name (default: the file name; not inherited); runs go to <runs_dir>/<name>.")
     description: str = _f("", "One line shown in the book.")
+    demonstration: bool = _f(False, "A demonstration run (tiny models, fixture data): every page of the book says "
+                                    "its numbers test the code, not the method, and figure titles start with SMOKE.")
     seed: int = _f(42, "Global seed.")
     device: Literal["cpu", "cuda", "auto"] = _f("auto", "Where models run.")
     precision: Literal["fp32", "bf16"] = _f("bf16", "Training/inference dtype.")

@@ -179,9 +179,11 @@ def prepared_run(ctx: Context):
     """The run directory's stage-01 sets and stage-02 rule set, built once from the fixtures."""
     from autorule_lib.artifacts import provenance, write_json
     from autorule_lib.data.preparation import prepare_data
+    from autorule_lib.smoke.models import build_models
     from verifier_throughput import RULES
 
     profile = ctx.profile()
+    build_models(profile, ctx.models_dir)  # the method finds the tiny models through the registry this writes
     data = ctx.run_dir / "artifacts" / "01_data_preparation" / "ultrafeedback"
     if not (data / "sets").exists():
         prepare_data(profile, "ultrafeedback", profile.data.ultrafeedback_source, data, models_dir=ctx.models_dir)

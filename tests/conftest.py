@@ -50,10 +50,27 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def models_dir(request, tmp_path_factory):
-    """The smoke profile's tiny models, built once and reused across sessions (the build stamps cover the
+    """The smoke profile's tiny models, built by its fixture builder and listed in the registry the method
+    resolves model roles through; built once and reused across sessions (the build stamps cover the
     recipe, tokenizer and prompts)."""
+    from autorule_lib.profiles import load_profile
+    from autorule_lib.smoke.models import build_models
+
     cache = getattr(request.config, "cache", None)
-    return cache.mkdir("autorule-tiny-models") if cache else tmp_path_factory.mktemp("models")
+    path = cache.mkdir("autorule-tiny-models") if cache else tmp_path_factory.mktemp("models")
+    build_models(load_profile("smoke"), path)
+    return path
+
+
+def with_smoke_models(models_dir, run_dir):
+    """``run_dir`` with the smoke models in its ``models`` folder (a copy of the built fixture, registry
+    included), as the chapter prologue leaves a run directory; returns ``run_dir``."""
+    import shutil
+    from pathlib import Path
+
+    shutil.copytree(models_dir, Path(run_dir) / "models", ignore=shutil.ignore_patterns(".*", "README*"),
+                    dirs_exist_ok=True)
+    return Path(run_dir)
 
 
 FAKE_SECRETS = {"HF_TOKEN": "hf_FAKEtokenVALUE123456", "AWS_SECRET_ACCESS_KEY": "fakeAwsSecretKEY987654321",

@@ -12,6 +12,7 @@ import pytest
 from autorule_lib.book.cli import build_parser, main
 from autorule_lib.config import PROJECT_ROOT
 from autorule_lib.profiles import load_profile
+from conftest import with_smoke_models
 
 CLI = [sys.executable, "-m", "autorule_lib.book.cli"]
 
@@ -24,7 +25,7 @@ def test_spending_extraction_requires_a_named_profile(llm, tmp_path, capsys):
     assert not (tmp_path / "rules").exists()  # nothing started, nothing written
 
 
-def test_extract_rules_on_the_smoke_profile_works_with_its_defaults(tmp_path):
+def test_extract_rules_on_the_smoke_profile_works_with_its_defaults(tmp_path, models_dir):
     """Replayed responses answer chapter 02's examples: the command reads chapter 01's prepared sets."""
     from autorule_lib.profiles import run_dir
     from autorule_lib.data.preparation import prepare_data
@@ -37,6 +38,7 @@ def test_extract_rules_on_the_smoke_profile_works_with_its_defaults(tmp_path):
     before = subprocess.run(CLI + ["extract-rules", "--dataset_type", "uf", "--output_dir", str(out), "--profile",
                                    str(prof_file)], capture_output=True, text=True, timeout=300)
     assert before.returncode == 2 and "run stage 01 first" in before.stderr  # says what is missing
+    with_smoke_models(models_dir, rdir)
     prepare_data(profile, "ultrafeedback", profile.data.ultrafeedback_source,
                  rdir / "artifacts" / "01_data_preparation" / "ultrafeedback", models_dir=rdir / "models")
     r = subprocess.run(CLI + ["extract-rules", "--dataset_type", "uf", "--output_dir", str(out), "--profile",

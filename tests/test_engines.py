@@ -218,7 +218,7 @@ def test_local_extraction_runs_on_the_profile_device(monkeypatch):
     monkeypatch.setattr(extraction, "make_client", fake_make_client)
     monkeypatch.setattr(extraction, "build_examples", lambda *a, **k: ([{"x": 1}], {}))
     prof = load_profile("single_gpu")
-    monkeypatch.setattr("autorule_lib.verify.verifier.resolve_device", lambda p: p.device)
+    monkeypatch.setattr("autorule_lib.models.pick_device", lambda p: p.device)
     with pytest.raises(RuntimeError, match="stop here"):
         extraction.extract_rules(prof, "uf", [], "/nonexistent")
     assert seen["device"] == "cuda"
@@ -227,7 +227,7 @@ def test_local_extraction_runs_on_the_profile_device(monkeypatch):
 def test_local_client_defaults_to_the_gpu_when_there_is_one(monkeypatch):
     from autorule_lib.llm import clients as llm
 
-    monkeypatch.setattr(llm, "_default_device", lambda: "cuda")
+    monkeypatch.setattr("autorule_lib.models.default_device", lambda: "cuda")
     client = llm.make_client(types.SimpleNamespace(llm="local", model="m"))
     assert client.device == "cuda"
     assert llm.make_client(types.SimpleNamespace(llm="local", model="m"), device="cpu").device == "cpu"

@@ -26,7 +26,8 @@ def tiny(tmp_path_factory):
 
 def test_generation_is_cached_per_checkpoint_prompt_and_settings(tiny, tmp_path):
     from autorule_lib.cache import ResponseCache
-    from autorule_lib.evaluate.generation import GenerationSettings, checkpoint_id, generate
+    from autorule_lib.evaluate.generation import GenerationSettings, generate
+    from autorule_lib.models import model_id as checkpoint_id
 
     cache = ResponseCache(tmp_path / "c.sqlite")
     prompts = [policy_prompt("Name a colour."), policy_prompt("Question 3")]

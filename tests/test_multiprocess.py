@@ -17,6 +17,7 @@ from autorule_lib.train.ranks import wait_for_file
 from autorule_lib.train import launch as S
 from autorule_lib.config import PROJECT_ROOT
 from autorule_lib.profiles import load_profile
+from conftest import with_smoke_models
 
 
 def two_rank_profile(tmp_path: Path, name="smoke_two_ranks") -> Path:
@@ -110,11 +111,11 @@ def test_child_of_a_rank_runs_alone_on_that_ranks_gpu(monkeypatch):
 # ---------------------------------------------------------------- two CPU ranks
 
 @pytest.fixture(scope="module")
-def rm_inputs(tmp_path_factory):
+def rm_inputs(tmp_path_factory, models_dir):
     """What chapter 05 reads (prepared sets, SFT model), made in one process."""
     from autorule_lib.data.preparation import prepare_data
 
-    run = tmp_path_factory.mktemp("rm_inputs")
+    run = with_smoke_models(models_dir, tmp_path_factory.mktemp("rm_inputs"))
     profile = load_profile("smoke")
     prepare_data(profile, "ultrafeedback", profile.data.ultrafeedback_source,
                  S.artifacts(run, S.DATA) / "ultrafeedback", models_dir=run / "models")
@@ -172,12 +173,8 @@ def test_training_stages_of_chapters_04_to_06_with_two_cpu_ranks(models_dir, tmp
     (``run_stage``), under `accelerate launch` with two gloo ranks on CPU. Inputs of chapters 01-03 (prepared
     sets, a rule set per source, the trained tiny verifier) are made in one process first."""
     from autorule_lib.data.preparation import prepare_data
-    from autorule_lib.smoke.verifier import ensure_tiny_verifier
-
     profile = load_profile(two_rank_profile(tmp_path))
-    run = tmp_path / "run"
-    ensure_tiny_verifier(profile, models_dir)  # built once per recipe, reused across sessions
-    shutil.copytree(models_dir, run / "models", ignore=shutil.ignore_patterns(".*", "README*"))
+    run = with_smoke_models(models_dir, tmp_path / "run")  # the fixture's models, trained tiny verifier included
     prepare_data(profile, "ultrafeedback", profile.data.ultrafeedback_source,
                  S.artifacts(run, S.DATA) / "ultrafeedback", models_dir=run / "models")
     for rule_set in ("uf", "mt"):  # chapter 02's output format: a JSON array of rule strings

@@ -13,12 +13,13 @@ from autorule_lib.config import PROJECT_ROOT
 from autorule_lib.profiles import load_profile
 from autorule_lib.data.preparation import prepare_data
 from autorule_lib.train.launch import DATA, RM, artifacts, sft_stage
+from conftest import with_smoke_models
 
 
 @pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
+def sft_run(tmp_path_factory, models_dir):
     """A run directory holding what chapter 05 reads: the prepared UltraFeedback sets and the SFT model."""
-    run = tmp_path_factory.mktemp("run")
+    run = with_smoke_models(models_dir, tmp_path_factory.mktemp("run"))
     profile = load_profile("smoke")
     prepare_data(profile, "ultrafeedback", profile.data.ultrafeedback_source, artifacts(run, DATA) / "ultrafeedback",
                  models_dir=run / "models")

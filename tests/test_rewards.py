@@ -185,11 +185,11 @@ def test_two_grpo_steps_with_the_autorule_reward(models_dir, tmp_path):
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from autorule_lib.smoke.models import resolve_model
+    from autorule_lib.models import resolve
     from autorule_lib.verify.verifier import build_verifier
 
     profile = load_profile("smoke")
-    policy = resolve_model(profile, "policy", models_dir)
+    policy = resolve(profile, "policy", models_dir)
     tok = AutoTokenizer.from_pretrained(policy)
     tok.padding_side = "left"
     verifier = build_verifier(profile, models_dir, mode="fast", layout="conversation_first", use_cache=False)

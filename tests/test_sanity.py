@@ -93,7 +93,7 @@ class FakeScorer:
 
 def test_measure_heldout_rows(tmp_path):
     ctx = SimpleNamespace(name="09_results", run_dir=tmp_path,
-                          profile=SimpleNamespace(name="smoke", models=SimpleNamespace(policy="tiny"), hash=lambda: "h"))
+                          profile=SimpleNamespace(name="smoke", demonstration=True, hash=lambda: "h"))
     responses = {"sft": [{"prompt_id": "a", "prompt": "p", "text": "long answer", "n_tokens": 10},
                          {"prompt_id": "b", "prompt": "q", "text": "x", "n_tokens": 1}],
                  "rm_only": [{"prompt_id": "a", "prompt": "p", "text": "ok", "n_tokens": 2},

@@ -231,15 +231,15 @@ def checks(smoke):
 
 
 def test_smoke_verifier_is_the_trained_tiny_judge(judge, models_dir):
-    assert judge.verifier_id.startswith("tiny-verifier@") and judge.backend.name == "transformers"
-    from autorule_lib.tiny_verifier import CRITERION
+    assert judge.verifier_id.startswith("tiny-verifier-trained@") and judge.backend.name == "transformers"
+    from autorule_lib.smoke.verifier import CRITERION
 
     meta = json.loads((models_dir / "tiny-verifier-trained" / "tiny_verifier.json").read_text())
     assert meta["held_out_exact_answer_rate"] >= 0.9 and meta["criterion"] == CRITERION
 
 
 def test_tiny_criterion_reads_only_the_last_response():
-    from autorule_lib.tiny_verifier import follows_criterion
+    from autorule_lib.smoke.verifier import follows_criterion
 
     assert follows_criterion("<|user|>Use **bold** and `code`<|assistant|>Plain text.")
     assert not follows_criterion("<|user|>Hi<|assistant|>Some **bold** text")
@@ -252,7 +252,7 @@ def test_trained_tiny_judge_follows_its_criterion_on_the_response(judge, layout)
     """The smoke judge's verdict is a function of the judged response, so two samples of one GRPO prompt
     can get different rule rewards: responses to the same prompts, with and without markdown characters,
     under several rules (the v1 judge, which answered by the prompt's length, agreed about half the time)."""
-    from autorule_lib.tiny_verifier import follows_criterion
+    from autorule_lib.smoke.verifier import follows_criterion
 
     prompts = ["What causes the seasons on Earth?", "Write a haiku about autumn leaves.",
                "How do I reverse a list in Python?", "Give me three tips for better sleep."]

@@ -13,6 +13,7 @@ from pathlib import Path
 from ..artifacts import stage_dir
 from ..config import Profile
 from ..profiles import load_profile, run_dir as default_run_dir
+from ..smoke.models import build_models
 
 
 @dataclass
@@ -34,11 +35,13 @@ class StageContext:
 def open_stage(name: str, profile: str | Profile = "smoke", run_dir: str | Path | None = None) -> StageContext:
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     rdir = default_run_dir(prof, run_dir)
-    if prof.models.policy == "tiny" or prof.models.verifier == "tiny":
-        # tiny models are built locally; nothing in a smoke run may reach the Hub
+    if prof.models.build is not None:
+        # models built locally: nothing in such a run may reach the Hub
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     _quiet_progress_bars()
+    # the prologue builds them (once per run) and records them where the method finds them (autorule_lib.models)
+    build_models(prof, rdir / "models")
     ctx = StageContext(name, prof, rdir, stage_dir(rdir, name))
     print(f"stage {name} | profile {prof.name} (hash {prof.hash()}) | run dir {rdir}")
     return ctx

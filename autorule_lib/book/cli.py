@@ -19,11 +19,15 @@ DEFAULT_PROFILE = "smoke"
 
 def _cmd_prepare_data(args) -> int:
     from ..data.preparation import prepare_data
+    from ..smoke.models import build_models
 
     profile = load_profile(args.profile)
+    models_dir = run_dir(profile) / "models"
+    if args.dataset == "ultrafeedback" and args.tokenizer is None:
+        build_models(profile, models_dir)  # its length filter needs the tokenizer: smoke's is built locally
     report = prepare_data(profile, args.dataset, args.source, args.output_dir, tokenizer=args.tokenizer,
                           hf_username=args.hf_username, skip_bad_rows=args.skip_bad_rows or None,
-                          models_dir=run_dir(profile) / "models")
+                          models_dir=models_dir)
     for split, r in report.items():
         dropped = ", ".join(f"{k}={v}" for k, v in r["dropped"].items())
         print(f"{split}: {r['rows_in']} in, {r['rows_kept']} kept ({dropped})")

@@ -83,7 +83,7 @@ def _is_smoke_run(run_dir: Path) -> bool:
     builds even where the profile's local data folders are gone."""
     frozen = run_dir / "profile.yaml"
     data = yaml.safe_load(frozen.read_text()) if frozen.exists() else {}
-    return data.get("name") == "smoke" or (data.get("models") or {}).get("policy") == "tiny"
+    return bool(data.get("demonstration"))
 
 
 def _manifest_page(manifest: dict, failed: list[str]) -> str:

@@ -52,8 +52,8 @@ ASSUMPTIONS = [
 
 
 def model_params(model_id: str, profile: Profile) -> float:
-    """Parameter count from the model id ('8B', '0.5B'), the tiny shape, or 8e9 when unknown."""
-    if model_id == "tiny":
+    """Parameter count from the model id ('8B', '0.5B'), the tiny shape (a locally built model), or 8e9 when unknown."""
+    if model_id == profile.models.build:
         t = profile.models.tiny
         return 12 * t.num_layers * t.hidden_size ** 2 + 2 * t.vocab_size * t.hidden_size
     m = re.search(r"(\d+(?:\.\d+)?)\s*[bB](?![a-zA-Z])", model_id)

@@ -116,7 +116,7 @@ def executables() -> dict[str, str]:
 def required_secrets(profile: Profile) -> list[str]:
     """Names (never values) of the variables this profile's stages read; the jobs warn if one is unset."""
     names = set()
-    local = lambda v: v == "tiny" or v.startswith(("/", "./", "../", "~"))  # noqa: E731
+    local = lambda v: v == profile.models.build or v.startswith(("/", "./", "../", "~"))  # noqa: E731
     if not all(local(m) for m in (profile.models.policy, profile.models.verifier)):
         names.add("HF_TOKEN")  # gated Llama weights
     if profile.data.hf_username:
@@ -277,20 +277,21 @@ def plan(profile: Profile, opts: Options, run_dir: Path, stages: list[str]) -> l
 
 # ---------------------------------------------------------------- model and data pre-fetch
 
-def _is_hub_id(value: str | None) -> bool:
-    return bool(value) and value != "tiny" and not value.startswith(("/", "./", "../", "~"))
+def _is_hub_id(value: str | None, profile: Profile) -> bool:
+    """Not a local path, nor the name of a locally built model (models.build)."""
+    return bool(value) and value != profile.models.build and not value.startswith(("/", "./", "../", "~"))
 
 
 def fetch_targets(profile: Profile) -> dict[str, list[str]]:
     """Hub ids the profile's stages load: models (policy, tokenizer, verifier, local judge and extractor) and
-    data sets. Local paths and 'tiny' need nothing."""
+    data sets. Local paths and locally built models need nothing."""
     models = [profile.models.policy, profile.models.tokenizer, profile.models.verifier]
     if profile.evaluation.judge_llm == "local":
         models.append(profile.evaluation.judge_model)
     if profile.extraction.llm == "local":
         models.append(profile.extraction.model)
     data = [profile.data.ultrafeedback_source, profile.data.mt_bench_source]
-    uniq = lambda xs: list(dict.fromkeys(x for x in xs if _is_hub_id(x)))  # noqa: E731
+    uniq = lambda xs: list(dict.fromkeys(x for x in xs if _is_hub_id(x, profile)))  # noqa: E731
     return {"models": uniq(models), "datasets": uniq(data)}
 
 

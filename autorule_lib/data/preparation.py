@@ -366,12 +366,10 @@ def prepare_data(profile, dataset: str, source: str, output_dir: str | Path, tok
     out.mkdir(parents=True, exist_ok=True)
     extra: dict[str, Any] = {"dataset": dataset, "source": source, "data_config": dataclasses.asdict(cfg)}
     if dataset == "ultrafeedback":
-        from transformers import AutoTokenizer
+        from .. import models
 
-        from ..smoke.models import resolve_model
-
-        tok_id = tokenizer or resolve_model(profile, "tokenizer", models_dir or out.parent / "models")
-        prepared = prepare_ultrafeedback(load_source(source, UF_SPLITS), AutoTokenizer.from_pretrained(tok_id), cfg)
+        tok_id = tokenizer or models.resolve(profile, "tokenizer", models_dir or out.parent / "models")
+        prepared = prepare_ultrafeedback(load_source(source, UF_SPLITS), models.load_tokenizer(tok_id), cfg)
         save_sets(prepared.processed, out / "processed")
         save_sets(prepared.sets, out / "sets")
         extra.update(tokenizer=tok_id, set_sizes={k: len(v) for k, v in prepared.sets.items()})

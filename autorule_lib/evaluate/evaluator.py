@@ -15,7 +15,7 @@ from ..cache import ResponseCache
 from ..data.preparation import load_source
 from . import alpaca, mt_bench, winrate
 from ..text_format import policy_prompt
-from ..train.ranks import device_kind
+from ..models import pick_device
 from .generation import (
     GenerationSettings,
     generate,
@@ -44,7 +44,7 @@ def mt_heldout_questions(ctx) -> list[dict]:
 class Evaluator:
     def __init__(self, ctx, two_episode: bool = False):
         self.ctx, self.profile, self.cfg = ctx, ctx.profile, ctx.profile.evaluation
-        self.device = device_kind(self.profile)
+        self.device = pick_device(self.profile)
         engines.configure(self.profile)  # the vLLM share of this chapter's engines
         self.cache = ResponseCache(ctx.run_dir / "cache" / "evaluation.sqlite")  # shared by chapters 07 and 08
         self.settings = GenerationSettings.from_profile(self.profile)

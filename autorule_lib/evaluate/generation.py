@@ -15,10 +15,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..artifacts import files_stamp
+from .. import models
 from ..cache import ResponseCache
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja")
 
 
 @dataclass(frozen=True)
@@ -49,25 +47,6 @@ class GenerationSettings:
         return d
 
 
-def checkpoint_id(path: str | Path) -> str:
-    """Identity of a saved model: its path and each file's name, size and modification time.
-
-    A retrained checkpoint written to the same folder gets a new id (so stale cached responses are
-    never served), without hashing gigabytes of weights.
-    """
-    return files_stamp(path, WEIGHT_SUFFIXES)
-
-
-def pick_engine(engine: str, device: str) -> str:
-    if engine != "auto":
-        return engine
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return "transformers"
-    return "vllm" if device != "cpu" else "transformers"
-
-
 def generate(checkpoint: str | Path, prompts: list[str], settings: GenerationSettings, cache: ResponseCache | None,
              *, device: str = "cpu", dtype: str = "fp32", engine: str = "auto",
              tokenizer: str | Path | None = None) -> list[dict]:
@@ -76,7 +55,7 @@ def generate(checkpoint: str | Path, prompts: list[str], settings: GenerationSet
     ``finished`` is False when the budget ran out before the model's EOS (the answer may be cut off).
     ``tokenizer`` defaults to the checkpoint's own folder.
     """
-    ckpt = checkpoint_id(checkpoint)
+    ckpt = models.model_id(checkpoint)
     parts = [{"kind": "eval_generation", "checkpoint": ckpt, "prompt": p, "settings": settings.cache_fields()}
              for p in prompts]
     out: list[dict | None] = [None] * len(prompts)
@@ -88,7 +67,7 @@ def generate(checkpoint: str | Path, prompts: list[str], settings: GenerationSet
         else:
             todo.append(i)
     if todo:
-        kind = pick_engine(engine, device)
+        kind = models.pick_engine(engine, device)
         run = _generate_vllm if kind == "vllm" else _generate_transformers
         fresh = run(str(checkpoint), [prompts[i] for i in todo], settings, device=device, dtype=dtype,
                     tokenizer=str(tokenizer or checkpoint))
@@ -107,12 +86,12 @@ _LOADED: dict[tuple, object] = {}
 def _loaded(kind: str, path: str, tokenizer: str, device: str, dtype: str, seed: int):
     from .. import engines
 
-    key = (kind, str(Path(path).resolve()), str(tokenizer), device, dtype, checkpoint_id(path))
+    key = (kind, str(Path(path).resolve()), str(tokenizer), device, dtype, models.model_id(path))
     if key not in _LOADED:
         release()  # free the previous model before the next one loads
         engines.make_room("generation")  # and every other model of the process (judge, RM, verifier, alpaca_eval)
         _LOADED[key] = (_load_vllm(path, tokenizer, dtype, seed) if kind == "vllm"
-                        else load_causal_lm(path, device, dtype, tokenizer))
+                        else _load_transformers(path, device, dtype, tokenizer))
         engines.register("generation", release)
     return _LOADED[key]
 
@@ -129,18 +108,11 @@ def release() -> None:
     engines.free_accelerator_memory()
 
 
-def load_causal_lm(path: str, device: str, dtype: str, tokenizer: str | None = None):
+def _load_transformers(path: str, device: str, dtype: str, tokenizer: str | None = None):
     """Tokenizer (left padding, pad = EOS when unset) and model in eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer or path)
-    tok.padding_side = "left"  # generation appends to the right end of every row
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    torch_dtype = torch.bfloat16 if dtype == "bf16" and device != "cpu" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
-    return tok, model
+    # left padding: generation appends to the right end of every row
+    tok = models.load_tokenizer(tokenizer or path, padding_side="left", pad_with_eos=True)
+    return tok, models.load_causal_lm(path, device, dtype)
 
 
 def _generate_transformers(path: str, prompts: list[str], settings: GenerationSettings, *, device: str,

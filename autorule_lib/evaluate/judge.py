@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import models
 from ..cache import ResponseCache
 from ..llm.base import LLMCallError, cached_complete
 from ..llm.clients import make_client
@@ -38,16 +39,6 @@ class JudgeSpec:
     def label(self) -> str:
         name = Path(self.model).name if self.client == "local" else self.model  # a local path: its folder name
         return f"{self.client}:{name} ({self.mode})"
-
-
-def judge_model_path(profile, models_dir: str | Path) -> str:
-    """'tiny' names the untrained tiny Llama built for the verifier role (not chapter 3's trained tiny
-    verifier: a judge of rankings and ratings gains nothing from that one); anything else is used as given."""
-    if profile.evaluation.judge_model == "tiny":
-        from ..smoke.models import ensure_tiny_models
-
-        return str(ensure_tiny_models(profile, models_dir)["verifier"])
-    return profile.evaluation.judge_model
 
 
 class GeneratingJudge:
@@ -92,16 +83,11 @@ class LikelihoodJudge:
 
     def _load(self):
         if self._loaded is None:
-            import torch
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
             from .. import engines
 
             engines.make_room("judge")
-            tok = AutoTokenizer.from_pretrained(self.model_path)
-            torch_dtype = torch.bfloat16 if self.dtype == "bf16" and self.device != "cpu" else torch.float32
-            model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch_dtype).to(self.device).eval()
-            self._loaded = (tok, model)
+            tok = models.load_tokenizer(self.model_path)
+            self._loaded = (tok, models.load_causal_lm(self.model_path, self.device, self.dtype))
             engines.register("judge", self.release)
         return self._loaded
 
@@ -153,8 +139,8 @@ def make_judge(profile, models_dir: str | Path, cache: ResponseCache | None, dev
         if ev.judge_llm != "local":
             raise ValueError("evaluation.judge_mode 'likelihood' needs a local judge (judge_llm: local): an API "
                              "judge does not return the probability of a given answer")
-        return LikelihoodJudge(judge_model_path(profile, models_dir), device=device, dtype=profile.precision)
-    model = judge_model_path(profile, models_dir) if ev.judge_llm == "local" else ev.judge_model
+        return LikelihoodJudge(models.resolve(profile, "judge", models_dir), device=device, dtype=profile.precision)
+    model = models.resolve(profile, "judge", models_dir) if ev.judge_llm == "local" else ev.judge_model
     client = make_client(
         _ClientSettings(llm=ev.judge_llm, model=model, region=ev.judge_region, base_url=ev.judge_base_url,
                         api_key_env=ev.judge_api_key_env, replay_file=ev.judge_replay_file,

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..artifacts import read_json
+from ..models import model_id
 
 # book/method.md §6. The rule set behind the headline is not stated there, so both AutoRule runs are compared.
 PAPER_RELATIVE_GAINS = [
@@ -32,21 +33,20 @@ REFERENCE_NOTE = "reference side (50% by construction)"
 
 
 def is_smoke(profile) -> bool:
-    return profile.name == "smoke" or profile.models.policy == "tiny"
+    """A demonstration run (the profile says so): its numbers test the code, not the method."""
+    return profile.demonstration
 
 
 def metric_row(ctx, method: str, metric: str, value, *, checkpoint=None, judge: str | None = None, ci_low=None,
                ci_high=None, n=None, unit: str = "", note: str = "", step: int | None = None) -> dict:
     """One number and where it came from: run, profile, checkpoint (path and identity), judge."""
-    from .generation import checkpoint_id
-
     ckpt = Path(checkpoint) if checkpoint else None
     return {
         "method": method, "metric": metric, "value": _num(value), "ci_low": _num(ci_low), "ci_high": _num(ci_high),
         "n": n, "unit": unit, "step": step, "stage": ctx.name, "run": str(ctx.run_dir),
         "profile": ctx.profile.name, "profile_hash": ctx.profile.hash(), "smoke": is_smoke(ctx.profile),
         "checkpoint": str(ckpt) if ckpt else None,
-        "checkpoint_id": checkpoint_id(ckpt) if ckpt and ckpt.exists() else None,
+        "checkpoint_id": model_id(ckpt) if ckpt and ckpt.exists() else None,
         "judge": judge, "note": note,
     }
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import models
 from ..artifacts import atomic_write_text, provenance, write_json
 from ..cache import ResponseCache
 from ..config import ExtractionConfig, Profile
@@ -314,16 +315,10 @@ def extract_rules(profile: Profile, dataset: str, rows: list[dict], output_dir: 
     if not examples:
         raise ExtractionError(f"{dataset}: no examples to explain in {source or 'the given rows'} ({split})")
     info["source"] = source
-    client = client or make_client(cfg, device=_profile_device(profile))  # a local extractor runs on the profile's device
+    client = client or make_client(cfg, device=models.pick_device(profile))  # a local extractor runs on the profile's device
     cache = ResponseCache(cache_path or Path(output_dir) / "llm_cache.sqlite")
     return run_extraction(examples, client, output_dir, profile, dataset=dataset, cfg=cfg, cache=cache,
                           sample_info=info, progress=progress)
-
-
-def _profile_device(profile: Profile) -> str:
-    from ..verify.verifier import resolve_device
-
-    return resolve_device(profile)
 
 
 def extract_rules_from_source(profile: Profile, dataset: str, source: str, output_dir: str | Path, *,

@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
+from .. import models
 from ..redaction import redact
 from .base import (
     BaseClient,
@@ -193,24 +194,15 @@ class LocalClient(BaseClient):
             from .. import engines
 
             engines.make_room(f"local:{self.model}")
-            use_vllm = self.engine == "vllm"
-            if self.engine == "auto":
-                try:
-                    import vllm  # noqa: F401
-                    use_vllm = self.device != "cpu"
-                except ImportError:
-                    use_vllm = False
-            if use_vllm:
+            if models.pick_engine(self.engine, self.device) == "vllm":
                 from vllm import LLM
 
                 self._loaded = ("vllm", LLM(model=self.model, enable_prefix_caching=True,
                                             **engines.vllm_kwargs(self.gpu_memory_utilization)))
             else:
-                from transformers import AutoModelForCausalLM, AutoTokenizer
-
-                tok = AutoTokenizer.from_pretrained(self.model)
-                model = AutoModelForCausalLM.from_pretrained(self.model).to(self.device).eval()
-                self._loaded = ("transformers", (tok, model))
+                # the checkpoint's own dtype, as this client always loaded (it has no profile to ask)
+                model = models.load_causal_lm(self.model, self.device, None)
+                self._loaded = ("transformers", (models.load_tokenizer(self.model), model))
             engines.register(f"local:{self.model}", self.release)
         return self._loaded
 
@@ -314,7 +306,7 @@ def make_client(cfg, *, llm: str | None = None, model: str | None = None, base_u
         return OpenAICompatibleClient(model, base_url or get("base_url"), api_key_env=get("api_key_env", "OPENAI_API_KEY"),
                                       read_timeout_s=get("read_timeout_s", 900), **base)
     if kind == "local":  # the caller's device (the profile's); without one, the GPU when there is one
-        return LocalClient(model, device=device or _default_device(),
+        return LocalClient(model, device=device or models.default_device(),
                            gpu_memory_utilization=get("gpu_memory_utilization", 0.85), **base)
     if kind == "replay":
         path = replay_file or get("replay_file")
@@ -323,11 +315,4 @@ def make_client(cfg, *, llm: str | None = None, model: str | None = None, base_u
         return ReplayClient(path, **base)
     raise ValueError(f"unknown LLM client {kind!r} (bedrock, openai, local, replay)")
 
-
-def _default_device() -> str:
-    try:
-        import torch
-    except ImportError:
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from ..artifacts import provenance, read_json, write_json
 from ..cache import cache_key
 from ..config import ConfigError, Profile
-from .ranks import device_kind, dist_state, is_main_process, wait_for_file, world_size
+from ..models import pick_device
+from .ranks import dist_state, is_main_process, wait_for_file, world_size
 from .resume import (
     CHECKPOINT_MARKER,
     _stamp_matches,
@@ -68,7 +69,7 @@ def common_args(profile: Profile, out_dir: Path, *, learning_rate: float, warmup
         # the Trainer rotates before a new checkpoint is marked complete: keep one complete one meanwhile
         raise ConfigError(f"save_total_limit: {save_total_limit} leaves no complete checkpoint while the next one is "
                           "written; use 2 or more, or null (keep all)")
-    cpu = device_kind(profile) == "cpu"
+    cpu = pick_device(profile) == "cpu"
     return dict(
         output_dir=str(out_dir), learning_rate=learning_rate, lr_scheduler_type="constant_with_warmup",
         # transformers 5 reads a float < 1 in warmup_steps as a ratio of the total steps

@@ -15,10 +15,9 @@ from pathlib import Path
 from ..artifacts import provenance, read_json, require, write_json
 from ..config import Profile
 from ..data.preparation import load_source
+from ..models import pick_device, resolve
 from ..profiles import dump_profile, load_profile
-from ..smoke.models import resolve_model
 from .common import stage_finished
-from .ranks import device_kind
 from .ranks import dist_state, wait_for_file, world_size
 from .grpo import grpo_settings, train_grpo
 from .ppo import train_ppo
@@ -47,7 +46,7 @@ def rm_model(run_dir: Path) -> str:
 
 def sft_stage(profile: Profile, run_dir: Path, force: bool = False) -> Path:
     sets = uf_sets(run_dir)
-    base = resolve_model(profile, "policy", Path(run_dir) / "models")
+    base = resolve(profile, "policy", Path(run_dir) / "models")
     return train_sft(profile, sets["sft_train"], sets["sft_eval"], base, artifacts(run_dir, SFT), force=force)
 
 
@@ -169,7 +168,7 @@ def accelerate_command(stage: str, profile: Profile, run_dir: Path, variant: str
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes(profile, env))]
     if profile.accelerate_config:
         cmd += ["--config_file", profile.accelerate_config]
-    elif device_kind(profile) == "cpu":  # torchrun's launcher; run_stage sets ACCELERATE_USE_CPU: a gloo group
+    elif pick_device(profile) == "cpu":  # torchrun's launcher; run_stage sets ACCELERATE_USE_CPU: a gloo group
         cmd += ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]  # (--cpu starts ONE process)
     machines = int(env.get("AUTORULE_NUM_MACHINES") or 1)
     if machines > 1:
@@ -192,7 +191,7 @@ def run_stage(stage: str, profile: Profile, run_dir: str | Path, variant: str | 
         return _call(stage, profile, run_dir, variant, force)
     cmd = accelerate_command(stage, profile, run_dir, variant, force)
     print("launching:", " ".join(cmd), flush=True)
-    cpu = not profile.accelerate_config and device_kind(profile) == "cpu"
+    cpu = not profile.accelerate_config and pick_device(profile) == "cpu"
     subprocess.run(cmd, check=True, env={**os.environ, "ACCELERATE_USE_CPU": "true"} if cpu else None)
     out = {"sft": artifacts(run_dir, SFT) / "model", "reward_model": artifacts(run_dir, RM) / "model",
            "ppo": artifacts(run_dir, GRPO) / "ppo" / "final"}

@@ -9,7 +9,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from ..config import ConfigError, Profile
+from ..config import Profile
+from ..models import default_device, pick_device
 
 
 def world_size() -> int:
@@ -45,25 +46,12 @@ def dist_state():
 
 def rank_device(profile: Profile | None = None) -> str:
     """This process's device as accelerate set it (creating its state first when needed): under several
-    processes rank k's models go to cuda:k, never all to cuda:0."""
-    import torch
-
+    processes rank k's models go to cuda:k, never all to cuda:0. One process: the profile's device."""
     if world_size() > 1:
         return str(dist_state().device)
-    if profile is not None:
-        return device_kind(profile)
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return pick_device(profile) if profile is not None else default_device()
 
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
-
-def device_kind(profile: Profile) -> str:
-    import torch
-
-    if profile.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if profile.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: 'cuda' requested but torch sees no CUDA device")
-    return profile.device

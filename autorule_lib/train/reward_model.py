@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import ConfigError, Profile
+from ..models import load_sequence_classifier
 from ..text_format import policy_text
 from .common import accumulation_steps, common_args, finish, load_tokenizer, portable, prepare_output, seed_everything, settings_hash, start
 from .ranks import rank_device
@@ -69,12 +70,11 @@ class RewardModelScorer:
     """Scores policy texts with the trained RM, read at the last (EOS) token."""
 
     def __init__(self, path: str | Path, pad_token: str, batch_size: int = 8, device: str | None = None):
-        from transformers import AutoModelForSequenceClassification
-
         self.tokenizer = load_rm_tokenizer(str(path), pad_token)
         self.tokenizer.padding_side = "right"
         self.device = device or rank_device()
-        self.model = AutoModelForSequenceClassification.from_pretrained(str(path)).to(self.device).eval()
+        # in the checkpoint's own dtype, as it always was: these scores feed μ/σ and every RM reward
+        self.model = load_sequence_classifier(path, self.device, None)
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.batch_size = batch_size
 

@@ -327,9 +327,7 @@ def _from_run(profile: Profile, run_dir: Path, rm_scorer, rm_normalizer, tokeniz
 
         rm_scorer = RewardModelScorer(require(rm_dir / "model", RM_STAGE), profile.reward_model.pad_token).score_texts
     if tokenizer is None:
-        from transformers import AutoTokenizer
+        from .. import models
 
-        from ..smoke.models import resolve_model
-
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model(profile, "tokenizer", run_dir / "models"))
+        tokenizer = models.load_tokenizer(models.resolve(profile, "tokenizer", run_dir / "models"))
     return rm_scorer, rm_normalizer, tokenizer

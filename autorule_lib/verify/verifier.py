@@ -21,13 +21,12 @@ prompt, the verdict contract, the persistent cache and the bookkeeping.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
+from .. import models
 from ..config import Profile, VerifierConfig
 from .prompt import JudgeTemplate, load_template
 from .verdict import Verdict, reason_kind, unscored
@@ -129,37 +128,11 @@ class RuleVerifier:
 
 # ---------------------------------------------------------------- construction
 
-def model_fingerprint(path_or_id: str) -> str:
-    """A verifier id for the cache: the Hub id, or for a local folder its name plus a weights digest."""
-    p = Path(path_or_id)
-    meta = p / "tiny_verifier.json"
-    if meta.exists():  # the tiny verifier is rebuilt per run directory: key on its weights, not its path
-        return f"tiny-verifier@{json.loads(meta.read_text())['weights_sha256'][:16]}"
-    if p.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(p.glob("*.json")) + sorted(p.glob("*.safetensors")):
-            h.update(f.name.encode() + str(f.stat().st_size).encode())
-        return f"{p.name}@{h.hexdigest()[:16]}"
-    return path_or_id
-
-
-def resolve_device(profile: Profile) -> str:
-    import torch
-
-    if profile.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return profile.device
-
-
 def load_local_judge(model_path: str, profile: Profile):
-    """(model, tokenizer) for the transformers backend, in the profile's precision and device."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    dtype = torch.bfloat16 if profile.precision == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(resolve_device(profile))
-    return model.eval(), tokenizer
+    """(model, tokenizer) for the transformers backend, in the profile's precision (bf16 kept even on a CPU,
+    as this backend always did: see ``models.pick_dtype``) and on its device."""
+    model = models.load_causal_lm(model_path, models.pick_device(profile), profile.precision, keep_bf16_on_cpu=True)
+    return model, models.load_tokenizer(model_path)
 
 
 def build_verifier(profile: Profile, models_dir: str | Path, cache_path: str | Path | None = None, *,
@@ -170,7 +143,6 @@ def build_verifier(profile: Profile, models_dir: str | Path, cache_path: str | P
     judge. vLLM is optional: when it is not importable the transformers backend is used, with a warning.
     """
     from ..cache import ResponseCache
-    from ..smoke.models import resolve_model
     from . import backends as vb
 
     cfg = dataclasses.replace(profile.verifier, **overrides)
@@ -180,12 +152,12 @@ def build_verifier(profile: Profile, models_dir: str | Path, cache_path: str | P
         client = client or vb.make_api_client(profile, cfg)
         backend = vb.APIJudge(client, cfg.num_workers)
         return RuleVerifier(backend, template, cfg, f"{cfg.backend}:{profile.models.verifier}", cfg.mode, cache)
-    path = resolve_model(profile, "verifier", models_dir)
+    path = models.resolve(profile, "verifier", models_dir)
     if cfg.backend == "vllm_server":  # one server for every rank (autorule_lib.verify.server)
         from .server import build_server_judge
 
         backend = build_server_judge(profile, cfg, path)
-        return RuleVerifier(backend, template, cfg, f"vllm_server:{model_fingerprint(path)}", cfg.mode, cache)
+        return RuleVerifier(backend, template, cfg, f"vllm_server:{models.model_id(path)}", cfg.mode, cache)
     if cfg.backend == "vllm":
         from ..engines import check_verifier_engine_layout, vllm_kwargs
 
@@ -197,7 +169,7 @@ def build_verifier(profile: Profile, models_dir: str | Path, cache_path: str | P
             warnings.warn(f"verifier backend 'vllm' is not available ({e}); using transformers instead")
             backend = None
         if backend is not None:
-            return RuleVerifier(backend, template, cfg, model_fingerprint(path), cfg.mode, cache)
+            return RuleVerifier(backend, template, cfg, models.model_id(path), cfg.mode, cache)
     if model is None or tokenizer is None:
         model, tokenizer = load_local_judge(path, profile)
-    return RuleVerifier(vb.TransformersJudge(model, tokenizer), template, cfg, model_fingerprint(path), cfg.mode, cache)
+    return RuleVerifier(vb.TransformersJudge(model, tokenizer), template, cfg, models.model_id(path), cfg.mode, cache)
