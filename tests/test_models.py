@@ -214,3 +214,14 @@ def test_the_smoke_banner_follows_the_demonstration_field_not_the_name(tmp_path)
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "profile.yaml").write_text(yaml.safe_dump({"name": "smoke", "models": {"policy": "tiny"}}))
     assert not _is_smoke_run(tmp_path / "b")  # a name alone says nothing
+
+
+def test_a_damaged_registry_is_a_clear_error(tmp_path):
+    from autorule_lib.artifacts import CorruptFileError
+
+    (tmp_path / models.REGISTRY_FILE).write_text('{"roles": ')
+    with pytest.raises(CorruptFileError, match="registry.json"):
+        models.resolve(load_profile("smoke"), "policy", tmp_path)
+    (tmp_path / models.REGISTRY_FILE).write_text('{"builder": "x"}')
+    with pytest.raises(CorruptFileError, match="no 'roles' mapping"):
+        models.registry(tmp_path)
