@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .artifacts import atomic_write_text, files_stamp
+from .artifacts import CorruptFileError, atomic_write_text, files_stamp, read_json
 from .config import ConfigError, Profile
 
 REGISTRY_FILE = "registry.json"
@@ -51,24 +51,31 @@ def builds_locally(profile: Profile, role: str) -> bool:
 
 def registry(models_dir: str | Path) -> dict[str, Path]:
     """{role: folder} of the models built for this run (empty when nothing was built)."""
-    path = Path(models_dir) / REGISTRY_FILE
+    return {role: Path(models_dir) / rel for role, rel in _recorded_roles(Path(models_dir)).items()}
+
+
+def _recorded_roles(models_dir: Path) -> dict[str, str]:
+    path = models_dir / REGISTRY_FILE
     if not path.exists():
         return {}
-    roles = json.loads(path.read_text())["roles"]
-    return {role: Path(models_dir) / rel for role, rel in roles.items()}
+    data = read_json(path)
+    roles = data.get("roles") if isinstance(data, dict) else None
+    if not isinstance(roles, dict):
+        raise CorruptFileError(f"{path}: no 'roles' mapping; delete it and open a chapter again to rebuild it")
+    return roles
 
 
 def record_models(models_dir: str | Path, paths: dict[str, str | Path], builder: str) -> dict[str, Path]:
     """Add built models to the registry (folders under ``models_dir``, stored relative to it so a moved run
     directory still resolves). Returns the whole registry."""
     models_dir = Path(models_dir)
-    roles = {role: str(p.relative_to(models_dir)) for role, p in ((r, Path(p)) for r, p in registry(models_dir).items())}
+    roles = _recorded_roles(models_dir)
     for role, p in paths.items():
         if role not in ROLES:
             raise ValueError(f"unknown model role {role!r} (have {', '.join(ROLES)})")
         roles[role] = str(Path(p).resolve().relative_to(models_dir.resolve()))
-    atomic_write_text(models_dir / REGISTRY_FILE, json.dumps({"builder": builder, "roles": roles}, indent=1,
-                                                             sort_keys=True) + "\n")
+    text = json.dumps({"builder": builder, "roles": roles}, indent=1, sort_keys=True) + "\n"
+    atomic_write_text(models_dir / REGISTRY_FILE, text)
     return registry(models_dir)
 
 

@@ -186,3 +186,42 @@ def test_no_method_module_tests_a_profile_name_or_the_literal_tiny():
                 if any(v in ("tiny", "smoke") for v in consts):
                     hits.append(f"{p.relative_to(lib)}:{node.lineno}")
     assert hits == []
+
+
+def test_engine_rule(monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # not importable
+    assert models.pick_engine("auto", "cuda") == "transformers"
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    assert models.pick_engine("auto", "cuda") == "vllm" and models.pick_engine("auto", "cpu") == "transformers"
+    assert models.pick_engine("transformers", "cuda") == "transformers"
+
+
+def test_the_smoke_banner_follows_the_demonstration_field_not_the_name(tmp_path):
+    import yaml
+
+    from autorule_lib.book.html import _is_smoke_run
+    from autorule_lib.evaluate.results import is_smoke
+    from autorule_lib.profiles import dump_profile
+
+    smoke = load_profile("smoke")
+    renamed = dataclasses.replace(smoke, name="my_cpu_demo")
+    assert is_smoke(renamed) and not is_smoke(dataclasses.replace(smoke, demonstration=False))
+    dump_profile(renamed, tmp_path / "a" / "profile.yaml")
+    assert _is_smoke_run(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "profile.yaml").write_text(yaml.safe_dump({"name": "smoke", "models": {"policy": "tiny"}}))
+    assert not _is_smoke_run(tmp_path / "b")  # a name alone says nothing
+
+
+def test_a_damaged_registry_is_a_clear_error(tmp_path):
+    from autorule_lib.artifacts import CorruptFileError
+
+    (tmp_path / models.REGISTRY_FILE).write_text('{"roles": ')
+    with pytest.raises(CorruptFileError, match="registry.json"):
+        models.resolve(load_profile("smoke"), "policy", tmp_path)
+    (tmp_path / models.REGISTRY_FILE).write_text('{"builder": "x"}')
+    with pytest.raises(CorruptFileError, match="no 'roles' mapping"):
+        models.registry(tmp_path)

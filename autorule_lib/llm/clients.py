@@ -314,5 +314,3 @@ def make_client(cfg, *, llm: str | None = None, model: str | None = None, base_u
             raise ValueError("the replay client needs a recordings file (extraction.replay_file)")
         return ReplayClient(path, **base)
     raise ValueError(f"unknown LLM client {kind!r} (bedrock, openai, local, replay)")
-
-

@@ -54,4 +54,3 @@ def rank_device(profile: Profile | None = None) -> str:
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
