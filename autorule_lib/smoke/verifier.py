@@ -75,7 +75,8 @@ class TinyVerifierSpec:
 
 
 MARKDOWN_CHARS = "*`#"
-CRITERION = "[[Yes]] iff the conversation's last response contains none of the characters * ` # (no markdown), else [[No]]"
+CRITERION = ("[[Yes]] iff the conversation's last response contains none of the characters * ` # (no markdown), "
+             "else [[No]]")
 
 
 def follows_criterion(conversation: str) -> bool:
@@ -204,7 +205,8 @@ def _train(profile: Profile, tokenizer_dir: str | Path, out_dir: str | Path, spe
     accuracy, exact = _held_out_check(model, tokenizer, held_out, answer)
     weights = (out_dir / "model.safetensors").read_bytes()
     meta = {"build_version": BUILD_VERSION, "criterion": CRITERION,
-            "held_out_yes_share": round(sum(y for _, y in held_out) / max(1, len(held_out)), 3), "spec": asdict(spec), "seed": seed, "final_loss": round(loss.item(), 5),
+            "held_out_yes_share": round(sum(y for _, y in held_out) / max(1, len(held_out)), 3),
+            "spec": asdict(spec), "seed": seed, "final_loss": round(loss.item(), 5),
             "held_out_verdict_accuracy": accuracy, "held_out_exact_answer_rate": exact,
             "train_seconds": round(time.perf_counter() - t0, 1),
             "weights_sha256": hashlib.sha256(weights).hexdigest()}
