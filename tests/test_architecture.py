@@ -1,5 +1,6 @@
 """The package's shape, checked statically: no import cycles, method code independent of the book and the
-smoke profile's tiny models, modules small enough to read.
+smoke profile's tiny models, modules small enough to read and each saying why it exists, a README tree that
+names every module; and the lint step that `make test` runs first.
 
 Why static (``ast``) and not by importing: a cycle that is only closed by a function-local import does not
 fail at import time, it fails (or silently works) the first time that function runs; and it still means two
