@@ -292,7 +292,7 @@ def verdict_check(ctx: Context) -> dict:
     from autorule_lib.smoke.verifier import ensure_tiny_verifier
     from autorule_lib.verify.verifier import RuleVerifier, load_local_judge
     from autorule_lib.verify.prompt import load_template
-    from autorule_lib.verify.backends import TransformersJudge
+    from autorule_lib.verify.backends import TransformersBackend
     from verifier_throughput import RULES, conversations
 
     profile = ctx.profile()
@@ -300,7 +300,7 @@ def verdict_check(ctx: Context) -> dict:
     model, tok = load_local_judge(str(ensure_tiny_verifier(profile, ctx.models_dir)), profile)
     if ctx.device == "cuda" and next(model.parameters()).device.type != "cuda":
         raise PartFailed("the tiny judge did not load onto CUDA")
-    backend = TransformersJudge(model, tok)
+    backend = TransformersBackend(model, tok)
     cfg = dataclasses.replace(profile.verifier, min_answer_mass=0.0, use_cache=False, truncate_prompt_tokens=None,
                               batch_size=25)
     convs = conversations(profile, tok, 2 if ctx.quick else 8, 500)
@@ -534,7 +534,7 @@ def part_grpo_breakdown(ctx: Context):
     from autorule_lib.train.launch import uf_sets
     from autorule_lib.verify.verifier import RuleVerifier
     from autorule_lib.verify.prompt import load_template
-    from autorule_lib.verify.backends import TransformersJudge
+    from autorule_lib.verify.backends import TransformersBackend
     from verifier_throughput import RULES
 
     profile = prepared_run(ctx)
@@ -552,7 +552,7 @@ def part_grpo_breakdown(ctx: Context):
     # A random judge puts almost no mass on [[Yes]]/[[No]]: min_answer_mass 0 keeps every check scored.
     vcfg = dataclasses.replace(profile.verifier, mode="fast", min_answer_mass=0.0, use_cache=False,
                                batch_size=50 if ctx.quick else 100)  # rules of 2 or 4 responses per pass
-    verifier = RuleVerifier(TransformersJudge(judge, tok), load_template("conversation_first", vcfg.concise_clause),
+    verifier = RuleVerifier(TransformersBackend(judge, tok), load_template("conversation_first", vcfg.concise_clause),
                             vcfg, "random-1b", "fast")
     clock = StepClock(ctx)
     scorer = RewardModelScorer(rm_dir, profile.reward_model.pad_token, batch_size=16, device=ctx.device)

@@ -7,10 +7,10 @@ import pytest
 from autorule_lib.config import VerifierConfig
 from autorule_lib.profiles import load_profile
 from autorule_lib.llm.base import LLMCallError, LLMResponse
-from autorule_lib.verify.prompt import CONCISE_CLAUSE, judge_prompt_ids, load_template, messages_conversation, prompt_token_ids
+from autorule_lib.verify.prompt import CONCISE_CLAUSE, verifier_prompt_ids, load_template, messages_conversation, prompt_token_ids
 from autorule_lib.verify.verifier import RuleVerifier
 from autorule_lib.verify.verdict import Verdict, parse_verdict, unscored
-from autorule_lib.verify.backends import APIJudge
+from autorule_lib.verify.backends import APIBackend
 
 CONV = "<|user|>What is 2+2?<|assistant|>It is 4."
 RULE = "The assistant's responses should state the final answer clearly."
@@ -166,7 +166,7 @@ def test_identical_checks_are_judged_once():
 
 def test_fast_mode_needs_probabilities():
     with pytest.raises(ValueError, match="fast"):
-        RuleVerifier(APIJudge(client=None), load_template("rule_first"), VerifierConfig(mode="fast"), "api")
+        RuleVerifier(APIBackend(client=None), load_template("rule_first"), VerifierConfig(mode="fast"), "api")
 
 
 # ---------------------------------------------------------------- API judge
@@ -191,7 +191,7 @@ class FakeClient:
 ])
 def test_api_judge_verdicts_and_failures(reply, value, reason):
     client = FakeClient(reply)
-    v = RuleVerifier(APIJudge(client, num_workers=2), load_template("rule_first"), VerifierConfig(), "api")
+    v = RuleVerifier(APIBackend(client, num_workers=2), load_template("rule_first"), VerifierConfig(), "api")
     (row,) = v.judge([CONV], [RULE])
     assert (row[0].value, row[0].reason) == (value, reason)
     messages, params = client.seen[0]
@@ -265,9 +265,9 @@ def test_right_truncation_switch(judge, checks):
     assert short.stats["checks"] == 1
     # self-consistent with the original: a truncated prompt's no-verdict answer is 0 even in strict mode
     strict = dataclasses.replace(judge.cfg, truncate_prompt_tokens=40, unparseable_as_no=False)
-    ids, zero = judge_prompt_ids(tok, tpl, [(convs[0], rules[0]), ("<|user|>a<|assistant|>b", rules[0])], strict)
+    ids, zero = verifier_prompt_ids(tok, tpl, [(convs[0], rules[0]), ("<|user|>a<|assistant|>b", rules[0])], strict)
     assert ids[0] == full[:40] and zero[0] is True
-    assert judge_prompt_ids(tok, tpl, [(convs[0], rules[0])], dataclasses.replace(strict, truncate_prompt_tokens=None))[1] == [False]
+    assert verifier_prompt_ids(tok, tpl, [(convs[0], rules[0])], dataclasses.replace(strict, truncate_prompt_tokens=None))[1] == [False]
     short.cfg = strict
     (row,) = short.judge(convs[:1], rules[:1])
     assert row[0].value is not None

@@ -7,6 +7,7 @@ import sys
 
 from ..artifacts import CorruptFileError, MissingArtifactError, require
 from ..config import ConfigError
+from ..layout import DATA, RunLayout
 from ..profiles import load_profile, run_dir
 from ..data.preparation import SchemaError
 
@@ -23,7 +24,7 @@ def _cmd_prepare_data(args) -> int:
     profile = load_profile(args.profile)
     report = prepare_data(profile, args.dataset, args.source, args.output_dir, tokenizer=args.tokenizer,
                           hf_username=args.hf_username, skip_bad_rows=args.skip_bad_rows or None,
-                          models_dir=run_dir(profile) / "models")
+                          models_dir=RunLayout(run_dir(profile)).models)
     for split, r in report.items():
         dropped = ", ".join(f"{k}={v}" for k, v in r["dropped"].items())
         print(f"{split}: {r['rows_in']} in, {r['rows_kept']} kept ({dropped})")
@@ -32,7 +33,7 @@ def _cmd_prepare_data(args) -> int:
 
 
 def _cmd_extract_rules(args) -> int:
-    from ..extraction.pipeline import ExtractionError, extract_rules_from_source, stage_table, with_overrides
+    from ..extraction.pipeline import ExtractionError, extract_rules_from_source, step_table, with_overrides
     from ..extraction.sampling import uf_sample_pool
 
     if args.profile is None and args.llm in SPENDING_LLMS:
@@ -47,10 +48,10 @@ def _cmd_extract_rules(args) -> int:
     if source is None and cfg.llm == "replay":
         # the recorded responses answer chapter 02's examples, which come from chapter 01's prepared sets
         if args.dataset_type == "uf":  # the pool chapter 02 draws from (unfiltered train_prefs by default)
-            data_dir = require(run_dir(profile) / "artifacts" / "01_data_preparation" / "ultrafeedback", "01")
+            data_dir = require(RunLayout(run_dir(profile)).data("ultrafeedback"), DATA[:2])
             pool, pool_split = uf_sample_pool(profile, data_dir)
         else:
-            pool = require(run_dir(profile) / "artifacts" / "01_data_preparation" / "mt_bench" / "sets", "01")
+            pool = require(RunLayout(run_dir(profile)).data_sets("mt_bench"), DATA[:2])
             pool_split = "mt_train"
         source, split = str(pool), split or pool_split
     elif source is None:
@@ -61,7 +62,7 @@ def _cmd_extract_rules(args) -> int:
     except ExtractionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    for row in stage_table(result.report):
+    for row in step_table(result.report):
         print(" ".join(f"{k}={v}" for k, v in row.items()))
     print(f"{len(result.merged_rules)} rules (hash {result.rule_set_hash[:16]}) from "
           f"{result.report['examples_ok']}/{result.report['examples']} examples -> {args.output_dir}/merged_rules.json")
@@ -70,7 +71,7 @@ def _cmd_extract_rules(args) -> int:
 
 def _cmd_run(args) -> int:
     from .run_lock import RunLocked
-    from .runner import PrerequisitesMissing, RunDirError, RunInterrupted, StageFailed, run_book
+    from .runner import ChapterFailed, PrerequisitesMissing, RunDirError, RunInterrupted, run_book
 
     profile = load_profile(args.profile)
     only = [x for item in (args.only or []) for x in item.split(",") if x]
@@ -78,7 +79,7 @@ def _cmd_run(args) -> int:
         # papermill's per-cell bar helps at a terminal; in a log file or a SLURM log it is noise
         manifest = run_book(profile, only=only, output_dir=args.output_dir, force=args.force,
                             progress=sys.stderr.isatty())
-    except StageFailed as e:
+    except ChapterFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except RunInterrupted as e:
@@ -109,7 +110,7 @@ def _cmd_profile(args) -> int:
 
 def _cmd_slurm(args) -> int:
     from ..cluster.estimates import to_markdown
-    from ..cluster.slurm import TEMPLATES_DIR, Options, render, submit
+    from ..cluster.slurm import TEMPLATES_DIR, Options, submit, write_jobs
 
     profile = load_profile(args.profile)
     opts = Options(partition=args.partition, cpu_partition=args.cpu_partition, account=args.account, nodes=args.nodes,
@@ -120,7 +121,7 @@ def _cmd_slurm(args) -> int:
                    mem_per_gpu=args.mem_per_gpu, cpu_mem=args.cpu_mem, hf_home=args.hf_home,
                    fetch_models=args.fetch_models,
                    only=[x for item in (args.only or []) for x in item.split(",") if x] or None)
-    out = render(profile, opts, run_dir=args.run_dir, scripts_dir=args.output_dir,
+    out = write_jobs(profile, opts, run_dir=args.run_dir, scripts_dir=args.output_dir,
                  templates_dir=args.templates or TEMPLATES_DIR)
     print(to_markdown(out["estimates"]))
     print(f"wrote {len(out['jobs'])} job scripts, submit.sh, estimates.md and estimates.json to {out['scripts_dir']}; "

@@ -34,7 +34,7 @@ def build_book(run_dir: str | Path, profile=None) -> Path:
     """Build ``<run_dir>/book/_build/html`` from ``<run_dir>/notebooks``; returns the index page.
 
     ``profile`` (the current one) refuses a run made with other settings."""
-    from .runner import discover_stages
+    from .runner import discover_chapters
 
     run_dir = Path(run_dir)
     name = profile.name if profile is not None else run_dir.name
@@ -46,7 +46,7 @@ def build_book(run_dir: str | Path, profile=None) -> Path:
         raise MissingArtifactError(f"{run_dir} holds a run of profile {manifest.get('profile')!r} with settings "
                                    f"hash {manifest.get('profile_hash')}, but profile {name!r} now has hash "
                                    f"{profile.hash()}: {first}")
-    executed, missing = publishable(run_dir, manifest, [s.name for s in discover_stages()])
+    executed, missing = publishable(run_dir, manifest, [s.name for s in discover_chapters()])
     if not executed:
         raise MissingArtifactError(f"no chapter of the run in {run_dir} has finished: {first}")
     failed = [f"{n} ({why})" for n, why in missing.items()]

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import Profile, VerifierConfig
-from .prompt import JudgeTemplate, load_template
+from .prompt import VerifierTemplate, load_template
 from .verdict import Verdict, reason_kind, unscored
 
 # ---------------------------------------------------------------- the verifier
@@ -42,7 +42,7 @@ class RuleVerifier:
     ``yes``, ``no``, ``unscored`` and ``unscored:<kind>`` per reason.
     """
 
-    def __init__(self, backend, template: JudgeTemplate, cfg: VerifierConfig, verifier_id: str,
+    def __init__(self, backend, template: VerifierTemplate, cfg: VerifierConfig, verifier_id: str,
                  mode: str | None = None, cache=None):
         self.backend, self.template, self.cfg, self.verifier_id = backend, template, cfg, verifier_id
         self.mode = mode or cfg.mode
@@ -178,20 +178,20 @@ def build_verifier(profile: Profile, models_dir: str | Path, cache_path: str | P
     cache = ResponseCache(cache_path) if cache_path and cfg.use_cache else None
     if cfg.backend in ("openai", "bedrock"):
         client = client or vb.make_api_client(profile, cfg)
-        backend = vb.APIJudge(client, cfg.num_workers)
+        backend = vb.APIBackend(client, cfg.num_workers)
         return RuleVerifier(backend, template, cfg, f"{cfg.backend}:{profile.models.verifier}", cfg.mode, cache)
     path = resolve_model(profile, "verifier", models_dir)
     if cfg.backend == "vllm_server":  # one server for every rank (autorule_lib.verify.server)
-        from .server import build_server_judge
+        from .server import build_server_backend
 
-        backend = build_server_judge(profile, cfg, path)
+        backend = build_server_backend(profile, cfg, path)
         return RuleVerifier(backend, template, cfg, f"vllm_server:{model_fingerprint(path)}", cfg.mode, cache)
     if cfg.backend == "vllm":
         from ..engines import check_verifier_engine_layout, vllm_kwargs
 
         check_verifier_engine_layout(cfg.backend)
         try:
-            backend = vb.VLLMJudge(path, dtype="bfloat16" if profile.precision == "bf16" else "float32",
+            backend = vb.VLLMBackend(path, dtype="bfloat16" if profile.precision == "bf16" else "float32",
                                    **vllm_kwargs(cfg.gpu_memory_utilization))
         except ImportError as e:
             warnings.warn(f"verifier backend 'vllm' is not available ({e}); using transformers instead")
@@ -200,4 +200,4 @@ def build_verifier(profile: Profile, models_dir: str | Path, cache_path: str | P
             return RuleVerifier(backend, template, cfg, model_fingerprint(path), cfg.mode, cache)
     if model is None or tokenizer is None:
         model, tokenizer = load_local_judge(path, profile)
-    return RuleVerifier(vb.TransformersJudge(model, tokenizer), template, cfg, model_fingerprint(path), cfg.mode, cache)
+    return RuleVerifier(vb.TransformersBackend(model, tokenizer), template, cfg, model_fingerprint(path), cfg.mode, cache)
