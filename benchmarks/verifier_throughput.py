@@ -180,7 +180,7 @@ def timed(verifiers: dict, convs, rules, repeats: int) -> dict:
     import torch
 
     for v in verifiers.values():
-        v.judge(convs[:2], rules)  # warm-up: kernels, allocator, lazy imports
+        v.verify(convs[:2], rules)  # warm-up: kernels, allocator, lazy imports
     times = {key: [] for key in verifiers}
     out = {}
     for _ in range(repeats):
@@ -188,7 +188,7 @@ def timed(verifiers: dict, convs, rules, repeats: int) -> dict:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            out[key] = v.judge(convs, rules)
+            out[key] = v.verify(convs, rules)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             times[key].append(time.perf_counter() - t0)

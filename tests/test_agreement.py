@@ -67,7 +67,7 @@ def test_uf_pairs_use_the_prepared_columns():
 class WordVerifier:
     """Follows rule k iff the response contains the rule's word."""
 
-    def judge(self, conversations, rules):
+    def verify(self, conversations, rules):
         return [[Verdict(int(r in c.split("<|assistant|>")[-1])) for r in rules] for c in conversations]
 
 

@@ -57,7 +57,7 @@ class ScriptedVerifier:
     def __init__(self, table):
         self.table, self.seen = table, []
 
-    def judge(self, conversations, rules):
+    def verify(self, conversations, rules):
         self.seen.append(conversations)
         return [V(*self.table[c.split("<|assistant|>")[1]]) for c in conversations]
 
@@ -88,7 +88,7 @@ def test_no_verdict_answers_count_as_zero_and_are_logged_per_step():
     from autorule_lib.verify.verdict import parse_verdict
 
     class NoVerdictOnce:
-        def judge(self, conversations, rules):
+        def verify(self, conversations, rules):
             return [[parse_verdict("[[Yes]]"), parse_verdict("I think it is fine.")] for _ in conversations]
 
     logged = {}

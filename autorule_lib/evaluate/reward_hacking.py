@@ -105,7 +105,7 @@ class RuleScores:
 
         conversations = [verifier_conversation(p, r) for p, r in zip(prompts, responses)]
         out = []
-        for row in self.verifier.judge(conversations, self.rules):
+        for row in self.verifier.verify(conversations, self.rules):
             out.append({"fraction": rule_fraction(row, 0.0),  # over whatever was scored, for display
                         "reward": rule_reward_from_verdicts(row, self.profile.reward),  # None when unscored
                         "unscored": sum(v.value is None for v in row)})

@@ -113,7 +113,7 @@ class RuleReward:
     def __call__(self, prompts, completions, log_metric=None, **kwargs) -> list[float | None]:
         convs = [verifier_conversation(_prompt_text(p), _completion_text(c), self.eos)
                  for p, c in zip(prompts, completions)]
-        verdicts = self.verifier.judge(convs, self.rules)
+        verdicts = self.verifier.verify(convs, self.rules)
         rewards = [rule_reward_from_verdicts(v, self.cfg) for v in verdicts]
         self.last_batch = _batch_key(prompts, completions)
         self.last_unscored = {i for i, r in enumerate(rewards) if r is None}

@@ -36,7 +36,7 @@ from .verdict import Verdict, reason_kind, unscored
 
 
 class RuleVerifier:
-    """Judges conversations under rules through one backend, with a persistent verdict cache and counters.
+    """Checks conversations against rules through one backend, with a persistent verdict cache and counters.
 
     ``stats`` counts every check: ``checks``, ``cache_hits``, ``model_checks`` (sent to the backend),
     ``yes``, ``no``, ``unscored`` and ``unscored:<kind>`` per reason.
@@ -75,13 +75,13 @@ class RuleVerifier:
                 "template": self.template.version, "truncate": self.cfg.truncate_prompt_tokens,
                 "decode": decode, "rule": rule, "text": conversation}
 
-    def judge(self, conversations: Sequence[str], rules: Sequence[str]) -> list[list[Verdict]]:
+    def verify(self, conversations: Sequence[str], rules: Sequence[str]) -> list[list[Verdict]]:
         """``verdicts[i][k]``: conversation i under rule k."""
-        flat = self.judge_items([(c, r) for c in conversations for r in rules])
+        flat = self.verify_items([(c, r) for c in conversations for r in rules])
         k = len(rules)
         return [flat[i * k:(i + 1) * k] for i in range(len(conversations))]
 
-    def judge_items(self, items: Sequence[tuple[str, str]]) -> list[Verdict]:
+    def verify_items(self, items: Sequence[tuple[str, str]]) -> list[Verdict]:
         """One verdict per (conversation, rule) item, from the cache where possible."""
         out: list[Verdict | None] = [None] * len(items)
         todo: dict[tuple[str, str], list[int]] = {}
