@@ -62,7 +62,8 @@ class RunLayout:
 
     def cache(self, name: str) -> Path:
         """A cache shared by chapters: ``verdicts`` (rule verifier, chapters 03/06/08/09), ``evaluation``
-        (responses and judgments, chapters 07/08)."""
+        (responses and judgments, chapters 07/08). The name ``ResponseCache`` takes: its entries live in the
+        ``<name>.shards/`` folder beside it (``cache.py``)."""
         return self.run_dir / "cache" / f"{name}.sqlite"
 
     @property
