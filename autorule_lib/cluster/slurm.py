@@ -330,8 +330,9 @@ def _environment(templates_dir: Path):
     return env
 
 
-def write_jobs(profile: Profile, opts: Options, run_dir: str | Path | None = None, scripts_dir: str | Path | None = None,
-               templates_dir: str | Path = TEMPLATES_DIR, chapters: list[str] | None = None) -> dict:
+def write_jobs(profile: Profile, opts: Options, run_dir: str | Path | None = None,
+               scripts_dir: str | Path | None = None, templates_dir: str | Path = TEMPLATES_DIR,
+               chapters: list[str] | None = None) -> dict:
     """Freeze the profile, write one script per job, submit.sh and the estimates; returns what was written."""
     from .estimates import estimate, write_estimates
     from ..book.runner import discover_chapters, select_chapters

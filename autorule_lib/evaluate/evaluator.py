@@ -175,7 +175,8 @@ class Evaluator:
             records = mt_bench.grade(questions, answers, self.judge, prompts, refs)
             save_responses(folder / f"{m.name}_answers.jsonl", answers)
             save_responses(folder / f"{m.name}_judgments.jsonl", records)
-            out[m.name] = mt_bench.summarize_scores(records, self.cfg.ci_level, self.cfg.bootstrap_samples, self.profile.seed)
+            out[m.name] = mt_bench.summarize_scores(records, self.cfg.ci_level, self.cfg.bootstrap_samples,
+                                                    self.profile.seed)
             for turn in ("turn_1", "turn_2"):
                 s = out[m.name][turn]
                 self.record(m.name, f"mt_bench_{turn}", s["score"], m.path, self.judge_label(), ci_low=s["ci_low"],

@@ -112,7 +112,8 @@ class RuleScores:
         return out
 
 
-def _mean(values) -> float | None:
+def mean_of_scored(values) -> float | None:
+    """The mean of the values that have a score (None: unscored), or None when none has."""
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
 
@@ -151,9 +152,9 @@ def measure_checkpoint(ev, rm: RMScores, rules: RuleScores, variant: str, step: 
     rule_scores = rules(prompts, texts)
     wr = ev.uf_win_rate(variant, path, rows, texts, references, out_name=f"hacking_{variant}_step{step}")
     kind = ev.profile.grpo_variant(variant).reward
-    rm_mean, rule_mean = _mean(rm_scores), _mean(s["reward"] for s in rule_scores)
+    rm_mean, rule_mean = mean_of_scored(rm_scores), mean_of_scored(s["reward"] for s in rule_scores)
     return {"run": variant, "step": step, "checkpoint": str(path), "rm_reward": rm_mean, "rule_reward": rule_mean,
-            "rule_fraction": _mean(s["fraction"] for s in rule_scores),
+            "rule_fraction": mean_of_scored(s["fraction"] for s in rule_scores),
             "rule_unscored": sum(s["unscored"] for s in rule_scores),
             "training_reward": training_reward(kind, rm_mean, rule_mean, ev.profile.reward),
             "uf_win_rate": wr.win_rate, "ci_low": wr.ci_low, "ci_high": wr.ci_high, "n_complete": wr.n_complete,

@@ -29,6 +29,7 @@ import pandas as pd
 
 from ..layout import EVALUATION, HACKING, RESULTS, Run, RunLayout
 from .results import metric_row
+from .reward_hacking import mean_of_scored
 
 
 # ---------------------------------------------------------------- held-out measurements
@@ -57,7 +58,7 @@ def measure_heldout(ctx, responses: dict[str, list[dict]], rm, rule_scorers: dic
         ckpt = checkpoints.get(method)
         rows.append(metric_row(ctx, method, "mean_tokens", np.mean([r["n_tokens"] for r in rs]), checkpoint=ckpt,
                                n=len(rs), unit="tokens", note="completion tokens, chapter 7 responses"))
-        rows.append(metric_row(ctx, method, "rm_score", _mean(rm(prompts, texts)), checkpoint=ckpt, n=len(rs),
+        rows.append(metric_row(ctx, method, "rm_score", mean_of_scored(rm(prompts, texts)), checkpoint=ckpt, n=len(rs),
                                note="RM reward (z-normalised with the frozen mu/sigma)"))
         for name, scorer in rule_scorers.items():
             scored = scorer(prompts, texts)
@@ -72,11 +73,6 @@ def measure_heldout(ctx, responses: dict[str, list[dict]], rm, rule_scorers: dic
             rows.append(metric_row(ctx, method, "identical_to_sft", float(np.mean(same)), checkpoint=ckpt, n=len(rs),
                                    note="share of prompts answered exactly as the SFT model did"))
     return rows
-
-
-def _mean(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
 
 
 # ---------------------------------------------------------------- the checks
