@@ -1,8 +1,9 @@
 """Where a run keeps everything: chapter names and every artifact path, written down once.
 
-A run directory holds ``profile.yaml`` and ``manifest.json`` (the runner's), ``models/`` (models built or
-fetched for the run), ``cache/`` (verdict and evaluation caches shared by chapters) and
-``artifacts/<chapter>/`` (what each chapter writes). Chapters read what earlier chapters wrote, so a path
+A run directory holds ``profile.yaml`` and ``manifest.json`` (the runner's), ``notebooks/`` (the executed
+chapters), ``book_src/`` and ``book/`` (the HTML book), ``models/`` (models built or fetched for the run),
+``cache/`` (verdict and evaluation caches shared by chapters) and ``artifacts/<chapter>/`` (what each
+chapter writes). Chapters read what earlier chapters wrote, so a path
 spelled two ways is a file that one chapter writes and another never finds; every reader and writer asks
 ``RunLayout`` instead. ``Run`` is "the run" that library functions take: the profile and its layout.
 
@@ -54,6 +55,25 @@ class RunLayout:
     @property
     def manifest(self) -> Path:
         return self.run_dir / "manifest.json"
+
+    def executed_notebook(self, chapter: str) -> Path:
+        """The chapter's notebook as the runner executed it (with outputs); the book is built from these."""
+        return self.run_dir / "notebooks" / f"{chapter}.ipynb"
+
+    @property
+    def book_src(self) -> Path:
+        """The jupyter-book source assembled from the executed notebooks."""
+        return self.run_dir / "book_src"
+
+    @property
+    def book(self) -> Path:
+        """jupyter-book's output folder (the HTML under ``_build/html``)."""
+        return self.run_dir / "book"
+
+    @property
+    def slurm(self) -> Path:
+        """``autorule slurm``'s job scripts and logs, unless it is given another folder."""
+        return self.run_dir / "slurm"
 
     @property
     def models(self) -> Path:

@@ -26,6 +26,7 @@ import yaml
 
 from ..artifacts import CorruptFileError, git_commit, now, package_versions, read_json, write_json
 from ..config import PROJECT_ROOT, Profile
+from ..layout import RunLayout
 from ..profiles import dump_profile, run_dir as default_run_dir
 from ..redaction import scrub_tree
 from .run_identity import FileHashes, local_data_digest, snapshot, written_since
@@ -159,10 +160,10 @@ def _describe_failure(chapter: Chapter, err: Exception, executed: Path) -> str:
 
 def _owner(rdir: Path) -> str | None:
     """Name of the profile whose run the directory holds (manifest first, else its frozen profile)."""
-    manifest = rdir / "manifest.json"
+    manifest = RunLayout(rdir).manifest
     if manifest.exists():
         return read_json(manifest).get("profile")
-    frozen = rdir / "profile.yaml"
+    frozen = RunLayout(rdir).profile_file
     if frozen.exists():
         try:
             return (yaml.safe_load(frozen.read_text()) or {}).get("name")
@@ -222,7 +223,7 @@ def run_book(profile: Profile, only: list[str] | None = None, output_dir: str | 
     selected = select_chapters(chapters, only)  # bad --only: nothing written yet
     rdir = default_run_dir(profile, output_dir)
     check_run_dir(rdir, profile)
-    manifest_path = rdir / "manifest.json"
+    manifest_path = RunLayout(rdir).manifest
     old = read_json(manifest_path) if manifest_path.exists() else {}
     records = old.get("stages", {}) if old.get("profile_hash") == profile.hash() else {}
     if only:
@@ -245,13 +246,14 @@ def run_book(profile: Profile, only: list[str] | None = None, output_dir: str | 
 def _run_locked(profile, chapters, selected, rdir, force, progress, notebooks_dir) -> dict:
     import papermill as pm
 
-    manifest_path = rdir / "manifest.json"  # read again under the lock: another run may just have ended
+    layout = RunLayout(rdir)
+    manifest_path = layout.manifest  # read again under the lock: another run may just have ended
     old = read_json(manifest_path) if manifest_path.exists() else {}
     records = old.get("stages", {}) if old.get("profile_hash") == profile.hash() else {}
     for name, rec in records.items():  # left "running" by a run that died: it is no longer running
         if rec.get("status") == "running":
             rec.update(status="interrupted", error="the run ended without recording this chapter's result")
-    frozen = dump_profile(profile, rdir / "profile.yaml")
+    frozen = dump_profile(profile, layout.profile_file)
     manifest = {
         "profile": profile.name, "profile_file": profile.source_file, "profile_hash": profile.hash(),
         "seed": profile.seed, "git_commit": git_commit(), "packages": package_versions(),
@@ -266,7 +268,7 @@ def _run_locked(profile, chapters, selected, rdir, force, progress, notebooks_di
         for i, chapter in enumerate(selected, 1):
             fp = fingerprints(chapters, profile, rdir, manifest["stages"], hashes)[chapter.name]
             hashes.save()
-            executed = rdir / "notebooks" / chapter.path.name
+            executed = layout.executed_notebook(chapter.name)
             prev = manifest["stages"].get(chapter.name, {})
             if not force and prev.get("status") == "ok" and prev.get("fingerprint") == fp:
                 if _notebook_ok(executed):

@@ -338,7 +338,7 @@ def write_jobs(profile: Profile, opts: Options, run_dir: str | Path | None = Non
     from ..book.runner import discover_chapters, select_chapters
 
     rdir = default_run_dir(profile, run_dir)
-    sdir = Path(scripts_dir).expanduser().resolve() if scripts_dir else rdir / "slurm"
+    sdir = Path(scripts_dir).expanduser().resolve() if scripts_dir else layout.RunLayout(rdir).slurm
     if chapters is None:
         chapters = [s.name for s in select_chapters(discover_chapters(), opts.only)]
     jobs = plan(profile, opts, rdir, chapters)
