@@ -21,7 +21,7 @@ def test_committed_notebook_is_clean_and_parameterised(path):
     assert 'profile = "smoke"' in src and "run_dir = None" in src
 
 
-def test_stages_are_numbered_in_order():
+def test_chapters_are_numbered_in_order():
     names = [s.name for s in discover_chapters()]
     assert names[:2] == ["00_overview", "01_data_preparation"] and names == sorted(names)
 

@@ -19,8 +19,8 @@ from ..profiles import load_profile, run_dir as default_run_dir
 class ChapterContext(Run):
     """The run (profile and layout) as one chapter sees it: its name and its own artifact folder."""
 
-    name: str = ""
-    out: Path = Path()  # this chapter's artifacts
+    name: str
+    out: Path  # this chapter's artifacts (``layout.chapter_out(name)``)
 
     @property
     def models_dir(self) -> Path:
