@@ -88,7 +88,7 @@ def _cmd_run(args) -> int:
     except (RunDirError, RunLocked, PrerequisitesMissing) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"run finished: {run_dir(profile, args.output_dir)} ({len(manifest['stages'])} stage(s) recorded)")
+    print(f"run finished: {run_dir(profile, args.output_dir)} ({len(manifest['stages'])} chapter(s) recorded)")
     return 0
 
 
@@ -134,7 +134,7 @@ def _cmd_slurm(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="autorule", description="AutoRule Book: run the reproduction stage by stage.")
+    p = argparse.ArgumentParser(prog="autorule", description="AutoRule Book: run the reproduction chapter by chapter.")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("prepare-data", help="Prepare UltraFeedback or MT-Bench data (the method, book/method.md §1).")
@@ -169,9 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="Execute the book's notebooks in order with papermill.")
     r.add_argument("--profile", default="smoke")
-    r.add_argument("--only", action="append", help="stages to run: numbers or names, comma-separated")
+    r.add_argument("--only", action="append", help="chapters to run: numbers or names, comma-separated")
     r.add_argument("--output-dir", help="run directory (default: <runs_dir>/<profile name>)")
-    r.add_argument("--force", action="store_true", help="re-run stages whose inputs are unchanged")
+    r.add_argument("--force", action="store_true", help="re-run chapters whose inputs are unchanged")
     r.set_defaults(func=_cmd_run)
 
     b = sub.add_parser("book", help="Build the HTML book from a run's executed notebooks.")
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("profile")
     s.set_defaults(func=_cmd_profile)
 
-    c = sub.add_parser("slurm", help="Write (and submit) one SLURM job per stage, chained, with estimates.")
+    c = sub.add_parser("slurm", help="Write (and submit) one SLURM job per chapter, chained, with estimates.")
     c.add_argument("--profile", required=True, help="profile name or YAML file (frozen into the run dir)")
     c.add_argument("--output-dir", help="where the job scripts go (default: <run dir>/slurm)")
     c.add_argument("--run-dir", help="run directory on a shared filesystem (default: <runs_dir>/<profile name>)")
@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--nodes", type=int, default=1,
                    help="nodes per training job (04-06) without vLLM servers; every other job uses one")
     c.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: the profile's num_processes)")
-    c.add_argument("--time", default="24:00:00", help="time limit of GPU jobs; longer stages requeue and resume")
+    c.add_argument("--time", default="24:00:00", help="time limit of GPU jobs; longer chapters requeue and resume")
     c.add_argument("--cpu-time", default="04:00:00", help="time limit of CPU-only jobs")
     c.add_argument("--cpus-per-gpu", type=int, default=8, help="CPU cores per GPU (CPU jobs get this many)")
     c.add_argument("--policy-vllm-gpus", type=int,
@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--setup", action="append", help="shell line run first in every job (repeatable), "
                    "e.g. 'module load cuda/12.4'")
     c.add_argument("--sbatch-arg", action="append", help="extra #SBATCH option (repeatable), e.g. --sbatch-arg=--qos=high")
-    c.add_argument("--only", action="append", help="stages to submit: numbers or names, comma-separated")
+    c.add_argument("--only", action="append", help="chapters to submit: numbers or names, comma-separated")
     c.add_argument("--templates", help="folder with edited job.sbatch.j2/submit.sh.j2 (default: configs/slurm)")
     c.add_argument("--dry-run", action="store_true", help="write the scripts and estimates, submit nothing")
     c.set_defaults(func=_cmd_slurm)
