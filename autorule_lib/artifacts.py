@@ -1,4 +1,5 @@
-"""Run artifacts: where each stage writes, atomic writes, and the provenance every artifact carries."""
+"""Run artifacts: atomic writes, reading back with errors that name the chapter to run, and the provenance
+every artifact carries. Where each artifact lives is ``layout.RunLayout``'s business."""
 from __future__ import annotations
 
 import datetime as dt
@@ -19,7 +20,7 @@ TRACKED_PACKAGES = ("autorule-book", "torch", "transformers", "trl", "datasets",
 
 
 class MissingArtifactError(FileNotFoundError):
-    """An input from an earlier stage is absent; the message says which stage makes it."""
+    """An input from an earlier chapter is absent; the message says which chapter makes it."""
 
 
 class CorruptFileError(ValueError):
@@ -113,26 +114,19 @@ def write_json(path: str | Path, obj: Any) -> Path:
 def read_json(path: str | Path, made_by: str | None = None) -> Any:
     path = Path(path)
     if not path.exists():
-        hint = f"; run stage {made_by} first (autorule run --only {made_by})" if made_by else ""
+        hint = f"; run chapter {made_by} first (autorule run --only {made_by})" if made_by else ""
         raise MissingArtifactError(f"{path} not found{hint}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        fix = (f"re-run stage {made_by} with --force (autorule run --only {made_by} --force)" if made_by
-               else "move it aside and re-run the stage that writes it")
+        fix = (f"re-run chapter {made_by} with --force (autorule run --only {made_by} --force)" if made_by
+               else "move it aside and re-run the chapter that writes it")
         raise CorruptFileError(f"{path} is corrupt ({e}); {fix}") from None
 
 
-def stage_dir(run_dir: str | Path, stage: str) -> Path:
-    """Artifacts of one stage: <run_dir>/artifacts/<stage>."""
-    d = Path(run_dir) / "artifacts" / stage
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
 def require(path: str | Path, made_by: str) -> Path:
-    """An input from an earlier stage, or an error naming the stage that makes it."""
+    """An input from an earlier chapter, or an error naming the chapter that makes it."""
     path = Path(path)
     if not path.exists():
-        raise MissingArtifactError(f"{path} not found; run stage {made_by} first (autorule run --only {made_by})")
+        raise MissingArtifactError(f"{path} not found; run chapter {made_by} first (autorule run --only {made_by})")
     return path

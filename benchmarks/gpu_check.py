@@ -176,18 +176,19 @@ def write_report(path: Path, parts: list[Part], ctx: Context, info: dict, total_
 # ---------------------------------------------------------------- shared inputs
 
 def prepared_run(ctx: Context):
-    """The run directory's stage-01 sets and stage-02 rule set, built once from the fixtures."""
+    """The run directory's chapter-01 sets and chapter-02 rule set, built once from the fixtures."""
     from autorule_lib.artifacts import provenance, write_json
     from autorule_lib.data.preparation import prepare_data
+    from autorule_lib.layout import RunLayout
     from autorule_lib.smoke.models import build_models
     from verifier_throughput import RULES
 
     profile = ctx.profile()
     build_models(profile, ctx.models_dir)  # the method finds the tiny models through the registry this writes
-    data = ctx.run_dir / "artifacts" / "01_data_preparation" / "ultrafeedback"
+    data = RunLayout(ctx.run_dir).data("ultrafeedback")
     if not (data / "sets").exists():
         prepare_data(profile, "ultrafeedback", profile.data.ultrafeedback_source, data, models_dir=ctx.models_dir)
-    rules = ctx.run_dir / "artifacts" / "02_rule_extraction" / "uf" / "merged_rules.json"
+    rules = RunLayout(ctx.run_dir).rules("uf")
     if not rules.exists():
         # Extraction is no GPU concern: the GRPO run gets the benchmark's 25 rules (K = 25, the paper's UF count).
         rules.parent.mkdir(parents=True, exist_ok=True)
@@ -292,7 +293,7 @@ def verdict_check(ctx: Context) -> dict:
     from autorule_lib.smoke.verifier import ensure_tiny_verifier
     from autorule_lib.verify.verifier import RuleVerifier, load_local_judge
     from autorule_lib.verify.prompt import load_template
-    from autorule_lib.verify.backends import TransformersJudge
+    from autorule_lib.verify.backends import TransformersBackend
     from verifier_throughput import RULES, conversations
 
     profile = ctx.profile()
@@ -300,7 +301,7 @@ def verdict_check(ctx: Context) -> dict:
     model, tok = load_local_judge(str(ensure_tiny_verifier(profile, ctx.models_dir)), profile)
     if ctx.device == "cuda" and next(model.parameters()).device.type != "cuda":
         raise PartFailed("the tiny judge did not load onto CUDA")
-    backend = TransformersJudge(model, tok)
+    backend = TransformersBackend(model, tok)
     cfg = dataclasses.replace(profile.verifier, min_answer_mass=0.0, use_cache=False, truncate_prompt_tokens=None,
                               batch_size=25)
     convs = conversations(profile, tok, 2 if ctx.quick else 8, 500)
@@ -309,7 +310,7 @@ def verdict_check(ctx: Context) -> dict:
     def run(mode, reuse=True):
         v = RuleVerifier(backend, load_template("conversation_first", cfg.concise_clause), cfg, "tiny", mode)
         v.reuse_prefix = reuse
-        return [x for row in v.judge(convs, rules) for x in row]
+        return [x for row in v.verify(convs, rules) for x in row]
 
     parity, fast, plain = run("parity"), run("fast"), run("fast", reuse=False)
     same = sum(a.value == b.value for a, b in zip(parity, fast) if a.value is not None and b.value is not None)
@@ -343,19 +344,21 @@ def part_correctness(ctx: Context):
 def part_training(ctx: Context):
     from autorule_lib.artifacts import read_json
     from autorule_lib.train.common import common_args
-    from autorule_lib.train.launch import GRPO, RM, SFT, artifacts, run_stage
+    from autorule_lib.layout import Run
+    from autorule_lib.train.launch import run_stage
 
     profile = prepared_run(ctx)
+    run = Run.at(profile, ctx.run_dir)
     bf16 = common_args(profile, ctx.work, learning_rate=1e-4, warmup_ratio=0.0, max_grad_norm=1.0, max_steps=1,
                        save_steps=1, gradient_checkpointing=False, betas=(0.9, 0.95))["bf16"]
     fig = {"bf16 mixed precision": bf16}
     variant = "autorule_uf"
-    for stage, folder in (("sft", SFT), ("reward_model", RM), ("grpo", GRPO)):
+    for stage, out in (("sft", run.layout.sft_dir), ("reward_model", run.layout.rm_dir),
+                       ("grpo", run.layout.grpo_dir(variant))):
         reset_peak(ctx)
         t0 = time.perf_counter()
-        run_stage(stage, profile, ctx.run_dir, variant=variant if stage == "grpo" else None, force=True)
+        run_stage(stage, run, variant=variant if stage == "grpo" else None, force=True)
         ctx.sync()
-        out = artifacts(ctx.run_dir, folder) / (variant if stage == "grpo" else "")
         history = read_json(out / "log_history.json")
         losses = [h["loss"] for h in history if "loss" in h]
         if not losses or not all(math.isfinite(x) for x in losses):
@@ -367,7 +370,7 @@ def part_training(ctx: Context):
             if not rule:
                 raise PartFailed("grpo: no rule reward logged")
             fig[stage]["rule_reward_mean"] = rule[-1]
-    norm = read_json(artifacts(ctx.run_dir, RM) / "rm_normalization.json")
+    norm = read_json(run.layout.rm_normalization)
     if not (math.isfinite(norm["mean"]) and math.isfinite(norm["std"]) and norm["std"] > 0):
         raise PartFailed(f"reward model normalisation not usable: {norm}")
     fig["reward_model"].update(mu=norm["mean"], sigma=norm["std"])
@@ -531,10 +534,11 @@ def part_grpo_breakdown(ctx: Context):
     from autorule_lib.train.rewards import build_reward_funcs
     from autorule_lib.train.reward_model import RewardModelScorer
     from autorule_lib.train.grpo import train_grpo
+    from autorule_lib.layout import Run
     from autorule_lib.train.launch import uf_sets
     from autorule_lib.verify.verifier import RuleVerifier
     from autorule_lib.verify.prompt import load_template
-    from autorule_lib.verify.backends import TransformersJudge
+    from autorule_lib.verify.backends import TransformersBackend
     from verifier_throughput import RULES
 
     profile = prepared_run(ctx)
@@ -552,7 +556,7 @@ def part_grpo_breakdown(ctx: Context):
     # A random judge puts almost no mass on [[Yes]]/[[No]]: min_answer_mass 0 keeps every check scored.
     vcfg = dataclasses.replace(profile.verifier, mode="fast", min_answer_mass=0.0, use_cache=False,
                                batch_size=50 if ctx.quick else 100)  # rules of 2 or 4 responses per pass
-    verifier = RuleVerifier(TransformersJudge(judge, tok), load_template("conversation_first", vcfg.concise_clause),
+    verifier = RuleVerifier(TransformersBackend(judge, tok), load_template("conversation_first", vcfg.concise_clause),
                             vcfg, "random-1b", "fast")
     clock = StepClock(ctx)
     scorer = RewardModelScorer(rm_dir, profile.reward_model.pad_token, batch_size=16, device=ctx.device)
@@ -567,7 +571,7 @@ def part_grpo_breakdown(ctx: Context):
                                         rm_normalizer=(0.0, 1.0), tokenizer=tok, rules=RULES, verifier=verifier)
     funcs = [Timed(f, "verification", clock) if f.__name__ == "rule_reward" else f for f in funcs]
     with timed_generation(clock):
-        train_grpo(profile, "autorule_uf", uf_sets(ctx.run_dir)["rl_prompts"], str(policy_dir), work / "run",
+        train_grpo(profile, "autorule_uf", uf_sets(Run.at(profile, ctx.run_dir))["rl_prompts"], str(policy_dir), work / "run",
                    funcs, weights, force=True, callbacks=[clock.callback()])
     per_step, shares = clock.shares(skip=1)
     history = read_json(work / "run" / "log_history.json")

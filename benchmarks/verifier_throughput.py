@@ -122,13 +122,13 @@ def load_judge(args, profile):
     from autorule_lib.smoke.verifier import ensure_tiny_verifier
     from autorule_lib.verify.verdict import YES
     from autorule_lib.verify.verifier import load_local_judge
-    from autorule_lib.verify.backends import TransformersJudge
+    from autorule_lib.verify.backends import TransformersBackend
 
     models_dir = Path(args.models_dir or tempfile.mkdtemp(prefix="verifier-bench-"))
     if args.model == "tiny":
         torch.set_num_threads(args.threads or torch.get_num_threads())
         model, tok = load_local_judge(str(ensure_tiny_verifier(profile, models_dir)), profile)
-        return TransformersJudge(model, tok), profile.verifier.max_new_tokens
+        return TransformersBackend(model, tok), profile.verifier.max_new_tokens
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--model llama8b-random needs a CUDA GPU (or --device cpu with --quick-shape)")
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -148,7 +148,7 @@ def load_judge(args, profile):
         model = LlamaForCausalLM(config).eval()
     torch.set_default_dtype(torch.float32)
     answer_len = len(tok(YES + "<|eot_id|>", add_special_tokens=False)["input_ids"])
-    return TransformersJudge(model, tok), answer_len
+    return TransformersBackend(model, tok), answer_len
 
 
 def token_counts(tokenizer, convs) -> str:
@@ -179,7 +179,7 @@ def timed(verifiers: dict, convs, rules, repeats: int) -> dict:
     import torch
 
     for v in verifiers.values():
-        v.judge(convs[:2], rules)  # warm-up: kernels, allocator, lazy imports
+        v.verify(convs[:2], rules)  # warm-up: kernels, allocator, lazy imports
     times = {key: [] for key in verifiers}
     out = {}
     for _ in range(repeats):
@@ -187,7 +187,7 @@ def timed(verifiers: dict, convs, rules, repeats: int) -> dict:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            out[key] = v.judge(convs, rules)
+            out[key] = v.verify(convs, rules)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             times[key].append(time.perf_counter() - t0)

@@ -112,13 +112,13 @@ RULE_POOL = [
 
 def extraction_responder(templates=None) -> Responder:
     """Scripted answers for the three extraction prompts, chosen by a hash of the prompt (deterministic)."""
-    from autorule_lib.extraction.templates import load_templates, stage_of
+    from autorule_lib.extraction.templates import load_templates, step_of
 
     templates = templates or load_templates()
 
     def respond(body: dict) -> tuple[int, dict, dict]:
         messages = body.get("messages") or []
-        stage = stage_of(messages, templates) if messages else None
+        stage = step_of(messages, templates) if messages else None
         text = messages[-1]["content"] if messages else ""
         h, n_in = _digest(text), len(text) // 4
         if stage == "explain":

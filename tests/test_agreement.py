@@ -67,14 +67,14 @@ def test_uf_pairs_use_the_prepared_columns():
 class WordVerifier:
     """Follows rule k iff the response contains the rule's word."""
 
-    def judge(self, conversations, rules):
+    def verify(self, conversations, rules):
         return [[Verdict(int(r in c.split("<|assistant|>")[-1])) for r in rules] for c in conversations]
 
 
-def test_judge_pairs_and_mode_agreement():
+def test_verify_pairs_and_mode_agreement():
     pairs = [ag.Pair("uf", "0", "<|user|>q<|assistant|>red blue", "<|user|>q<|assistant|>red"),
              ag.Pair("uf", "1", "<|user|>q<|assistant|>blue", "<|user|>q<|assistant|>red blue")]
-    pv = ag.judge_pairs(WordVerifier(), pairs, ["red", "blue"])
+    pv = ag.verify_pairs(WordVerifier(), pairs, ["red", "blue"])
     assert [[v.value for v in row] for row in pv.chosen] == [[1, 1], [0, 1]]
     assert [[v.value for v in row] for row in pv.rejected] == [[1, 0], [1, 1]]
     t = ag.rule_table(pv)

@@ -252,9 +252,9 @@ def small_run(run_dir: Path) -> Path:
     params = nbformat.v4.new_code_cell('profile = "smoke"\nrun_dir = None', metadata={"tags": ["parameters"]})
     injected = nbformat.v4.new_code_cell(f'profile = "{run}/profile.yaml"\nrun_dir = "{run}"',
                                          metadata={"tags": ["injected-parameters"]})
-    setup = nbformat.v4.new_code_cell("ctx = open_stage('00_overview', profile, run_dir)",
+    setup = nbformat.v4.new_code_cell("ctx = open_chapter('00_overview', profile, run_dir)",
                                       metadata={"tags": ["hide-input"]}, outputs=[nbformat.v4.new_output(
-                                          "stream", name="stdout", text=f"stage 00 | run dir {run}\n")])
+                                          "stream", name="stdout", text=f"chapter 00 | run dir {run}\n")])
     table = nbformat.v4.new_code_cell("table", outputs=[nbformat.v4.new_output(
         "execute_result", data={"text/html": wide, "text/plain": "table"}, execution_count=3)])
     figure = nbformat.v4.new_code_cell("plot()", outputs=[nbformat.v4.new_output(
@@ -284,7 +284,7 @@ def test_small_book_renders_cleanly(browser, tmp_path):
     assert browser.js("document.querySelectorAll('.tag_remove-cell, .tag_parameters, .tag_injected-parameters')"
                       ".length") == 0, "the parameters cells are still on the page"
     assert "artifacts/07_evaluation/responses/0.jsonl" in text  # paths relative to the run directory
-    assert "stage 00 | run dir <run dir>" in text  # the setup cell's output is kept, its input hidden
+    assert "chapter 00 | run dir <run dir>" in text  # the setup cell's output is kept, its input hidden
     assert search_works(browser, html, "zebra") >= 1
 
 

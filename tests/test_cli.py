@@ -37,7 +37,7 @@ def test_extract_rules_on_the_smoke_profile_works_with_its_defaults(tmp_path, mo
     out = tmp_path / "rules"
     before = subprocess.run(CLI + ["extract-rules", "--dataset_type", "uf", "--output_dir", str(out), "--profile",
                                    str(prof_file)], capture_output=True, text=True, timeout=300)
-    assert before.returncode == 2 and "run stage 01 first" in before.stderr  # says what is missing
+    assert before.returncode == 2 and "run chapter 01 first" in before.stderr  # says what is missing
     with_smoke_models(models_dir, rdir)
     prepare_data(profile, "ultrafeedback", profile.data.ultrafeedback_source,
                  rdir / "artifacts" / "01_data_preparation" / "ultrafeedback", models_dir=rdir / "models")

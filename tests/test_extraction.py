@@ -18,7 +18,7 @@ from autorule_lib.config import PROJECT_ROOT
 from autorule_lib.profiles import load_profile
 from autorule_lib.extraction.pipeline import ExtractionError, diff_rule_sets, extract_rules
 from autorule_lib.extraction.sampling import Example, sample_mt, sample_uf, serialize_conversation
-from autorule_lib.extraction.templates import explain_messages, load_templates, merge_messages, stage_of
+from autorule_lib.extraction.templates import explain_messages, load_templates, merge_messages, step_of
 from autorule_lib.llm.base import LLMCallError, LLMResponse
 from loopback_server import LoopbackChatServer, extraction_responder
 from conftest import mt_row, uf_row
@@ -77,7 +77,7 @@ def test_prompts_follow_the_method_contracts():
     assert "Assistant A" in text and "Assistant B" in text and "model_b" in text
     merge = merge_messages(["rule one", "rule two"], TEMPLATES)[0]["content"]
     assert "- rule one\n- rule two" in merge
-    assert [stage_of(m, TEMPLATES) for m in (msgs, merge_messages(["r"], TEMPLATES))] == ["explain", "merge"]
+    assert [step_of(m, TEMPLATES) for m in (msgs, merge_messages(["r"], TEMPLATES))] == ["explain", "merge"]
     assert all(t.version for t in TEMPLATES.values())
 
 
@@ -98,7 +98,7 @@ class ScriptedClient:
         return {"temperature": 0.6, "max_tokens": 100}
 
     def complete(self, messages, **params):
-        stage, text = stage_of(messages, TEMPLATES), messages[-1]["content"]
+        stage, text = step_of(messages, TEMPLATES), messages[-1]["content"]
         with self._lock:
             self.calls[stage] += 1
             self.seen.append((stage, text))

@@ -50,12 +50,12 @@ def test_template_renders_the_policy_format():
     conv.append_message(conv.roles[0], "Q2")
     conv.append_message(conv.roles[1], None)
     assert conv.get_prompt() == "<|user|>Q1<|assistant|>A1<|user|>Q2<|assistant|>"
-    assert mt_bench.render(["Q1", "A1", "Q2"]) == "<|user|>Q1<|assistant|>A1<|user|>Q2<|assistant|>"
-    assert mt_bench.render(["Q1"]) == "<|user|>Q1<|assistant|>"
+    assert mt_bench.render_turns(["Q1", "A1", "Q2"]) == "<|user|>Q1<|assistant|>A1<|user|>Q2<|assistant|>"
+    assert mt_bench.render_turns(["Q1"]) == "<|user|>Q1<|assistant|>"
 
 
 def test_adapter_is_registered_once_and_matches_ar_llama_paths(tmp_path):
-    mt_bench.register()  # a second registration (re-import) is a no-op, not an error
+    mt_bench.register_adapter()  # a second registration (re-import) is a no-op, not an error
     assert sum(type(a).__name__ == "ARLlamaAdapter" for a in model_adapters) == 1
     adapter = get_model_adapter("/runs/paper/ar-llama-autorule_uf")
     assert type(adapter).__name__ == "ARLlamaAdapter"
@@ -145,7 +145,7 @@ def test_grade_records_failed_and_unparseable_without_scoring_them(prompts):
     records = mt_bench.grade([Q, q2], [A, {**A, "question_id": 87}], judge, prompts)
     assert [(r["question_id"], r["turn"], r["status"], r["score"]) for r in records] == [
         (86, 1, "ok", 8.0), (86, 2, "failed", None), (87, 1, "unparseable", None), (87, 2, "ok", 4.0)]
-    s = mt_bench.summarize(records, n_boot=200)
+    s = mt_bench.summarize_scores(records, n_boot=200)
     assert s["turn_1"]["score"] == 8.0 and s["turn_2"]["score"] == 4.0 and s["overall"]["n_scored"] == 2
     assert (s["n_failed"], s["n_unparseable"]) == (1, 1)
 

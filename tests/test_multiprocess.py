@@ -15,6 +15,7 @@ import pytest
 from autorule_lib.train.common import stage_finished
 from autorule_lib.train.ranks import wait_for_file
 from autorule_lib.train import launch as S
+from autorule_lib.layout import Run, RunLayout
 from autorule_lib.config import PROJECT_ROOT
 from autorule_lib.profiles import load_profile
 from conftest import with_smoke_models
@@ -36,7 +37,7 @@ def test_reward_models_and_verifiers_are_built_after_accelerate_set_the_device(t
     PartialState._reset_state()
     seen = {}
 
-    def fake_build(profile, variant, run_dir):
+    def fake_build(profile, variant, layout):
         seen["state_existed"] = bool(PartialState._shared_state)
         return [lambda **kw: [0.0]], [1.0]
 
@@ -44,23 +45,23 @@ def test_reward_models_and_verifiers_are_built_after_accelerate_set_the_device(t
     monkeypatch.setattr(S, "uf_sets", lambda run_dir: {"rl_prompts": []})
     monkeypatch.setattr(S, "sft_model", lambda run_dir: str(tmp_path / "sft"))
     monkeypatch.setattr(S, "train_grpo", lambda *a, **k: tmp_path / "final")
-    S.grpo_stage(load_profile("smoke"), tmp_path, "rm_only")
+    S.grpo_stage(Run.at(load_profile("smoke"), tmp_path), "rm_only")
     assert seen == {"state_existed": True}
 
 
 def test_a_finished_grpo_run_builds_no_reward_model_or_verifier(tmp_path, monkeypatch):
     import autorule_lib.train.rewards as R
 
-    profile = load_profile("smoke")
-    sft = tmp_path / "artifacts" / S.SFT / "model"
-    out = S.artifacts(tmp_path, S.GRPO) / "autorule_uf"
+    profile, layout = load_profile("smoke"), RunLayout(tmp_path)
+    sft = layout.sft_model
+    out = layout.grpo_dir("autorule_uf")
     v = profile.grpo_variant("autorule_uf")
     names, weights = S.reward_layout(profile, v)
-    rules = S.artifacts(tmp_path, S.RULES) / "uf" / "merged_rules.json"  # the run's identity includes its rule set
+    rules = layout.rules("uf")  # the run's identity includes its rule set
     rules.parent.mkdir(parents=True)
     rules.write_text(json.dumps(["Rule one."]))
     out.mkdir(parents=True)
-    rule_set = R.rules_for_variant(profile, v, tmp_path)[1]
+    rule_set = R.rules_for_variant(profile, v, layout)[1]
     (out / "done.json").write_text(json.dumps({"settings_hash": S.grpo_settings(profile, v, str(sft), names, weights,
                                                                                  out, [rule_set])}))
 
@@ -70,7 +71,7 @@ def test_a_finished_grpo_run_builds_no_reward_model_or_verifier(tmp_path, monkey
     monkeypatch.setattr(R, "build_reward_funcs", must_not_build)
     monkeypatch.setattr(S, "uf_sets", lambda run_dir: {"rl_prompts": []})
     monkeypatch.setattr(S, "sft_model", lambda run_dir: str(sft))
-    assert S.grpo_stage(profile, tmp_path, "autorule_uf") == out / "final"
+    assert S.grpo_stage(Run(profile, layout), "autorule_uf") == out / "final"
 
 
 def test_reward_layout_matches_the_reward_functions_built():
@@ -118,8 +119,8 @@ def rm_inputs(tmp_path_factory, models_dir):
     run = with_smoke_models(models_dir, tmp_path_factory.mktemp("rm_inputs"))
     profile = load_profile("smoke")
     prepare_data(profile, "ultrafeedback", profile.data.ultrafeedback_source,
-                 S.artifacts(run, S.DATA) / "ultrafeedback", models_dir=run / "models")
-    S.sft_stage(profile, run)
+                 RunLayout(run).data("ultrafeedback"), models_dir=RunLayout(run).models)
+    S.sft_stage(Run.at(profile, run))
     return run
 
 
@@ -158,12 +159,12 @@ def test_two_ranks_agree_on_completion_despite_a_slow_save_on_rank_0(rm_inputs, 
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert time.monotonic() - t0 > 8  # the slow save happened
-    out = S.artifacts(run, S.RM)
+    out = RunLayout(run).rm_dir
     assert launched_ranks(out) == 2
     norm = json.loads((out / "rm_normalization.json").read_text())
     assert norm["settings_hash"] == json.loads((out / "done.json").read_text())["settings_hash"]
     # mu/sigma belong to the saved RM (computed in a fresh process from the final model)
-    again = S.write_rm_normalization(load_profile(str(profile)), run)
+    again = S.write_rm_normalization(Run.at(load_profile(str(profile)), run))
     assert json.loads(again.read_text())["mean"] == pytest.approx(norm["mean"], abs=1e-6)
 
 
@@ -176,19 +177,19 @@ def test_training_stages_of_chapters_04_to_06_with_two_cpu_ranks(models_dir, tmp
     profile = load_profile(two_rank_profile(tmp_path))
     run = with_smoke_models(models_dir, tmp_path / "run")  # the fixture's models, trained tiny verifier included
     prepare_data(profile, "ultrafeedback", profile.data.ultrafeedback_source,
-                 S.artifacts(run, S.DATA) / "ultrafeedback", models_dir=run / "models")
+                 RunLayout(run).data("ultrafeedback"), models_dir=RunLayout(run).models)
     for rule_set in ("uf", "mt"):  # chapter 02's output format: a JSON array of rule strings
-        rules = S.artifacts(run, S.RULES) / rule_set / "merged_rules.json"
+        rules = RunLayout(run).rules(rule_set)
         rules.parent.mkdir(parents=True)
         rules.write_text(json.dumps(["The response answers the question directly.",
                                      "The response is concise and avoids repetition."]))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.monotonic()
-    S.run_stage("sft", profile, run)
-    S.run_stage("reward_model", profile, run)
+    S.run_stage("sft", Run.at(profile, run))
+    S.run_stage("reward_model", Run.at(profile, run))
     for name in profile.grpo_run_names():
-        S.run_stage("grpo", profile, run, variant=name)
-    S.run_stage("ppo", profile, run)
+        S.run_stage("grpo", Run.at(profile, run), variant=name)
+    S.run_stage("ppo", Run.at(profile, run))
     took = time.monotonic() - t0
     said = capfd.readouterr()
     print(f"two-rank training stages of chapters 04-06: {took:.0f} s")

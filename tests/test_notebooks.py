@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from autorule_lib.book.runner import NOTEBOOKS_DIR, discover_stages
+from autorule_lib.book.runner import NOTEBOOKS_DIR, discover_chapters
 
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
 
@@ -21,8 +21,8 @@ def test_committed_notebook_is_clean_and_parameterised(path):
     assert 'profile = "smoke"' in src and "run_dir = None" in src
 
 
-def test_stages_are_numbered_in_order():
-    names = [s.name for s in discover_stages()]
+def test_chapters_are_numbered_in_order():
+    names = [s.name for s in discover_chapters()]
     assert names[:2] == ["00_overview", "01_data_preparation"] and names == sorted(names)
 
 
@@ -34,7 +34,7 @@ def test_smoke_book_end_to_end_without_leaking_secrets(smoke_run):
     autorule = [sys.executable, "-m", "autorule_lib.book.cli"]
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert {s.name for s in discover_stages()} <= set(manifest["stages"])
+    assert {s.name for s in discover_chapters()} <= set(manifest["stages"])
     assert all(s["status"] == "ok" for s in manifest["stages"].values())
     report = json.loads((tmp_path / "artifacts/01_data_preparation/ultrafeedback/report.json").read_text())
     assert set(report) == {"train_prefs", "test_prefs", "train_sft", "test_sft"}

@@ -12,7 +12,8 @@ import pytest
 from autorule_lib.config import PROJECT_ROOT
 from autorule_lib.profiles import load_profile
 from autorule_lib.data.preparation import prepare_data
-from autorule_lib.train.launch import DATA, RM, artifacts, sft_stage
+from autorule_lib.layout import Run, RunLayout
+from autorule_lib.train.launch import sft_stage
 from conftest import with_smoke_models
 
 
@@ -20,10 +21,10 @@ from conftest import with_smoke_models
 def sft_run(tmp_path_factory, models_dir):
     """A run directory holding what chapter 05 reads: the prepared UltraFeedback sets and the SFT model."""
     run = with_smoke_models(models_dir, tmp_path_factory.mktemp("run"))
-    profile = load_profile("smoke")
-    prepare_data(profile, "ultrafeedback", profile.data.ultrafeedback_source, artifacts(run, DATA) / "ultrafeedback",
-                 models_dir=run / "models")
-    sft_stage(profile, run)
+    smoke = Run.at(load_profile("smoke"), run)
+    prepare_data(smoke.profile, "ultrafeedback", smoke.profile.data.ultrafeedback_source,
+                 smoke.layout.data("ultrafeedback"), models_dir=smoke.layout.models)
+    sft_stage(smoke)
     return run
 
 
@@ -40,7 +41,7 @@ def test_reward_model_and_normalisation_are_identical_across_fresh_runs(sft_run,
         run = shutil.copytree(sft_run, tmp_path / name)
         done = run_stage_in_fresh_process("reward_model", run)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        norm = json.loads((artifacts(run, RM) / "rm_normalization.json").read_text())
-        losses = [e["loss"] for e in json.loads((artifacts(run, RM) / "log_history.json").read_text()) if "loss" in e]
+        norm = json.loads((RunLayout(run).rm_normalization).read_text())
+        losses = [e["loss"] for e in json.loads((RunLayout(run).rm_dir / "log_history.json").read_text()) if "loss" in e]
         results.append((norm["mean"], norm["std"], norm["pair_accuracy"], losses))
     assert results[0] == results[1]

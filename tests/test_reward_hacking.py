@@ -1,10 +1,10 @@
 """Reward-hacking study pieces that need no model: probes, checkpoint selection, training reward, divergence."""
-from types import SimpleNamespace
 
 import pandas as pd
 
 from autorule_lib.evaluate import reward_hacking as rh
 from autorule_lib.config import RewardConfig
+from autorule_lib.layout import RunLayout
 from autorule_lib.profiles import load_profile
 
 ROW = {"prompt_id": "p0", "prompt": "Explain rain.", "rejected_content": "Water.",
@@ -29,11 +29,11 @@ def test_study_checkpoints_start_at_sft_and_keep_the_final(tmp_path):
     for name in ("checkpoint-2", "checkpoint-4", "checkpoint-6", "final"):
         (run / name).mkdir(parents=True)
         (run / name / "config.json").write_text("{}")
-    ctx = SimpleNamespace(artifacts=lambda stage: tmp_path / "artifacts" / stage)
-    steps = [s for s, _ in rh.study_checkpoints(ctx, "rm_only_2ep", every=2)]
+    layout = RunLayout(tmp_path)
+    steps = [s for s, _ in rh.study_checkpoints(layout, "rm_only_2ep", every=2)]
     assert steps == [0, 4, 7]  # SFT, every 2nd checkpoint, the final one
-    assert rh.study_checkpoints(ctx, "rm_only_2ep")[0][1] == tmp_path / "artifacts" / "04_sft" / "model"
-    assert rh.study_checkpoints(ctx, "missing_run") == []
+    assert rh.study_checkpoints(layout, "rm_only_2ep")[0][1] == tmp_path / "artifacts" / "04_sft" / "model"
+    assert rh.study_checkpoints(layout, "missing_run") == []
 
 
 def test_training_reward_is_what_the_run_optimised():

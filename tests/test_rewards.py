@@ -57,7 +57,7 @@ class ScriptedVerifier:
     def __init__(self, table):
         self.table, self.seen = table, []
 
-    def judge(self, conversations, rules):
+    def verify(self, conversations, rules):
         self.seen.append(conversations)
         return [V(*self.table[c.split("<|assistant|>")[1]]) for c in conversations]
 
@@ -88,7 +88,7 @@ def test_no_verdict_answers_count_as_zero_and_are_logged_per_step():
     from autorule_lib.verify.verdict import parse_verdict
 
     class NoVerdictOnce:
-        def judge(self, conversations, rules):
+        def verify(self, conversations, rules):
             return [[parse_verdict("[[Yes]]"), parse_verdict("I think it is fine.")] for _ in conversations]
 
     logged = {}
@@ -156,20 +156,21 @@ def test_builder_variants_and_weights():
 
 def test_builder_loads_missing_parts_from_the_run(tmp_path):
     from autorule_lib.artifacts import MissingArtifactError
+    from autorule_lib.layout import RunLayout
 
-    profile = load_profile("smoke")
+    profile, layout = load_profile("smoke"), RunLayout(tmp_path)
     with pytest.raises(MissingArtifactError, match="05_reward_model"):
-        build_reward_funcs(profile, GRPOStageConfig(reward="rm"), tmp_path, rm_scorer=lambda t: t,
+        build_reward_funcs(profile, GRPOStageConfig(reward="rm"), layout, rm_scorer=lambda t: t,
                            tokenizer=SpaceTokenizer())
     rm_dir = tmp_path / "artifacts" / "05_reward_model"
     rm_dir.mkdir(parents=True)
     (rm_dir / "rm_normalization.json").write_text(json.dumps({"mean": 1.0, "std": 2.0}))
     with pytest.raises(MissingArtifactError, match="02_rule_extraction"):
-        build_reward_funcs(profile, GRPOStageConfig(reward="autorule", rule_set="mt"), tmp_path,
+        build_reward_funcs(profile, GRPOStageConfig(reward="autorule", rule_set="mt"), layout,
                            rm_scorer=lambda t: t, tokenizer=SpaceTokenizer())
     (rules_dir := tmp_path / "artifacts" / "02_rule_extraction" / "mt").mkdir(parents=True)
     (rules_dir / "merged_rules.json").write_text(json.dumps(RULES))
-    funcs, _ = build_reward_funcs(profile, GRPOStageConfig(reward="autorule", rule_set="mt"), tmp_path,
+    funcs, _ = build_reward_funcs(profile, GRPOStageConfig(reward="autorule", rule_set="mt"), layout,
                                   rm_scorer=lambda t: [3.0] * len(t), tokenizer=SpaceTokenizer(),
                                   verifier=ScriptedVerifier(TABLE))
     assert funcs[0].rules == RULES and funcs[0](["Q"], ["good"]) == [pytest.approx(2.5)]

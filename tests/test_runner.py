@@ -6,7 +6,7 @@ import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
 from autorule_lib.profiles import load_profile
-from autorule_lib.book.runner import StageFailed, run_book, select_stages, discover_stages
+from autorule_lib.book.runner import ChapterFailed, run_book, select_chapters, discover_chapters
 
 
 def make_nb(path, body):
@@ -55,7 +55,7 @@ def test_runs_in_order_skips_unchanged_and_reruns_downstream(nbdir, tmp_path, mo
 def test_failed_stage_stops_chain_and_names_cell(nbdir, tmp_path):
     make_nb(nbdir / "00_first.ipynb", "value = 41\nraise ValueError('the fixture is broken')")
     out = tmp_path / "run"
-    with pytest.raises(StageFailed) as e:
+    with pytest.raises(ChapterFailed) as e:
         run_book(load_profile("smoke"), output_dir=out, notebooks_dir=nbdir, progress=False)
     msg = str(e.value)
     assert "00_first" in msg and "ValueError: the fixture is broken" in msg and "value = 41" in msg
@@ -63,12 +63,12 @@ def test_failed_stage_stops_chain_and_names_cell(nbdir, tmp_path):
     assert manifest["stages"]["00_first"]["status"] == "failed" and "01_second" not in manifest["stages"]
 
 
-def test_select_stages(nbdir):
-    stages = discover_stages(nbdir)
-    assert [s.name for s in select_stages(stages, ["01"])] == ["01_second"]
-    assert [s.name for s in select_stages(stages, ["second", "00_first"])] == ["00_first", "01_second"]
-    with pytest.raises(ValueError, match="no such stage"):
-        select_stages(stages, ["07"])
+def test_select_chapters(nbdir):
+    stages = discover_chapters(nbdir)
+    assert [s.name for s in select_chapters(stages, ["01"])] == ["01_second"]
+    assert [s.name for s in select_chapters(stages, ["second", "00_first"])] == ["00_first", "01_second"]
+    with pytest.raises(ValueError, match="no such chapter"):
+        select_chapters(stages, ["07"])
 
 
 # ---------------------------------------------------------------- issue 16: isolated, locked, honest runs
@@ -213,7 +213,7 @@ def test_copied_run_dir_resumes_without_rerunning(nbdir, tmp_path):
 
 def test_bad_only_writes_nothing(nbdir, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match="no such stage"):
+    with pytest.raises(ValueError, match="no such chapter"):
         run_book(load_profile("smoke"), output_dir=out, notebooks_dir=nbdir, progress=False, only=["99"])
     assert not out.exists()
 
@@ -247,7 +247,7 @@ def test_read_json_names_a_corrupt_file(tmp_path):
     from autorule_lib.artifacts import read_json
 
     (tmp_path / "done.json").write_text('{"step": ')
-    with pytest.raises(CorruptFileError, match=r"done\.json is corrupt .*re-run stage 05 with --force"):
+    with pytest.raises(CorruptFileError, match=r"done\.json is corrupt .*re-run chapter 05 with --force"):
         read_json(tmp_path / "done.json", made_by="05")
 
 
@@ -341,7 +341,7 @@ def test_cli_run_refusals_are_one_line(nbdir, tmp_path):
                                     capture_output=True, text=True, timeout=120)
     (tmp_path / "afile").write_text("x")
     for args, expected in [(["--output-dir", str(tmp_path / "afile")], "exists and is not a folder"),
-                           (["--output-dir", str(tmp_path / "new"), "--only", "99"], "no such stage")]:
+                           (["--output-dir", str(tmp_path / "new"), "--only", "99"], "no such chapter")]:
         r = run(*args)
         assert r.returncode == 2 and expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "new").exists()

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from autorule_lib.evaluate import sanity
+from autorule_lib.layout import RunLayout
 
 METHODS = ["sft", "autorule_uf", "autorule_mt", "rm_only", "length_penalty", "length_control", "ppo"]
 
@@ -108,12 +109,12 @@ def test_measure_heldout_rows(tmp_path):
     assert got[("rm_only", "identical_to_sft")] == 0.5 and ("sft", "identical_to_sft") not in got
     (tmp_path / "artifacts" / "09_results").mkdir(parents=True)
     (tmp_path / "artifacts" / "09_results" / "metrics.json").write_text(json.dumps(rows))
-    assert sanity.load_rows(tmp_path) == json.loads(json.dumps(rows))
+    assert sanity.load_rows(RunLayout(tmp_path)) == json.loads(json.dumps(rows))
     assert list(sanity.heldout_table(rows).index) == ["sft", "rm_only"]
 
 
 def smoke_table(run_dir):
-    return sanity.sanity_table(sanity.load_rows(run_dir), sanity.default_checks(
+    return sanity.sanity_table(sanity.load_rows(RunLayout(run_dir)), sanity.default_checks(
         METHODS, ["autorule_uf_2ep", "rm_only_2ep"]), episodes={"autorule_uf_2ep": 2, "rm_only_2ep": 2})
 
 

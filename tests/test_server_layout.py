@@ -19,7 +19,7 @@ from autorule_lib.profiles import load_profile
 from loopback_server import LoopbackChatServer
 from autorule_lib.verify.verifier import RuleVerifier
 from autorule_lib.verify.prompt import load_template, messages_conversation, prompt_token_ids
-from autorule_lib.verify.server import VLLMServerJudge, top_token_logprobs
+from autorule_lib.verify.server import VLLMServerBackend, top_token_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -92,11 +92,11 @@ def vllm_like_responder(backend, served_model: str):
 def test_fast_mode_through_a_vllm_like_server_matches_the_local_judge(local_judge, conversations, layout):
     local = local_judge.variant(mode="fast", layout=layout)
     with LoopbackChatServer(vllm_like_responder(local_judge.backend, "tiny-verifier")) as server:
-        remote_backend = VLLMServerJudge(server.url, "tiny-verifier", local_judge.backend.tok, num_workers=2)
+        remote_backend = VLLMServerBackend(server.url, "tiny-verifier", local_judge.backend.tok, num_workers=2)
         remote = RuleVerifier(remote_backend, local.template, local.cfg, "server", "fast")
-        got = remote.judge(conversations, RULES)
+        got = remote.verify(conversations, RULES)
         body = server.requests[0]
-    want = local.judge(conversations, RULES)
+    want = local.verify(conversations, RULES)
     pairs = [(a, b) for ra, rb in zip(got, want) for a, b in zip(ra, rb)]
     assert all(a.value is not None for a, _ in pairs)
     # Same verdict and P(Yes | Yes or No) wherever the local judge scored (it also weighs P(answer prefix),
@@ -120,11 +120,11 @@ def test_fast_mode_through_a_vllm_like_server_matches_the_local_judge(local_judg
 def test_parity_mode_through_the_server_generates_and_parses(local_judge, conversations):
     local = local_judge.variant(mode="parity", layout="rule_first")
     with LoopbackChatServer(vllm_like_responder(local_judge.backend, "tiny-verifier")) as server:
-        remote = RuleVerifier(VLLMServerJudge(server.url, "tiny-verifier", local_judge.backend.tok), local.template,
+        remote = RuleVerifier(VLLMServerBackend(server.url, "tiny-verifier", local_judge.backend.tok), local.template,
                               local.cfg, "server", "parity")
-        got = remote.judge(conversations[:3], RULES)
+        got = remote.verify(conversations[:3], RULES)
         assert server.requests[0]["max_tokens"] == local.cfg.max_new_tokens
-    want = local.judge(conversations[:3], RULES)
+    want = local.verify(conversations[:3], RULES)
     assert [[v.value for v in r] for r in got] == [[v.value for v in r] for r in want]
 
 
@@ -136,9 +136,9 @@ def test_parity_mode_through_the_server_generates_and_parses(local_judge, conver
 ])
 def test_server_failures_are_unscored_never_zero(local_judge, conversations, respond, reason):
     with LoopbackChatServer(respond) as server:
-        remote = RuleVerifier(VLLMServerJudge(server.url, "m", local_judge.backend.tok), load_template("rule_first"),
+        remote = RuleVerifier(VLLMServerBackend(server.url, "m", local_judge.backend.tok), load_template("rule_first"),
                               local_judge.cfg, "server", "fast")
-        row = remote.judge(conversations[:1], RULES)[0]
+        row = remote.verify(conversations[:1], RULES)[0]
     assert all(v.value is None and v.reason.startswith(reason) for v in row)
     assert remote.stats["unscored"] == len(RULES)
 
@@ -159,7 +159,7 @@ def test_profile_selects_the_server_backend_in_fast_mode(tmp_path, models_dir):
     v = build_verifier(load_profile(str(prof)), models_dir, use_cache=False)
     assert v.backend.name == "vllm_server" and v.mode == "fast"
     assert v.backend.url == "http://127.0.0.1:9/v1/completions"
-    row = v.judge(["<|user|>hi<|assistant|>hello"], RULES[:1])[0]  # nothing listens on port 9
+    row = v.verify(["<|user|>hi<|assistant|>hello"], RULES[:1])[0]  # nothing listens on port 9
     assert row[0].value is None and row[0].reason.startswith("backend_error")
 
 

@@ -15,8 +15,9 @@ from autorule_lib.cluster import slurm
 from autorule_lib.train import launch as training_stages
 from autorule_lib.book.cli import build_parser, main as cli_main
 from autorule_lib.config import PROJECT_ROOT
+from autorule_lib.layout import Run
 from autorule_lib.profiles import load_profile
-from autorule_lib.cluster.slurm import Options, SlurmError, render
+from autorule_lib.cluster.slurm import Options, SlurmError, write_jobs
 
 BOOK = ["00_overview", "01_data_preparation", "02_rule_extraction", "03_rule_agreement", "04_sft",
         "05_reward_model", "06_grpo", "07_evaluation", "08_reward_hacking", "09_results"]
@@ -43,8 +44,8 @@ def two_node_profile(tmp_path):
 
 
 def rendered(tmp_path, profile="paper", stages=BOOK, **opts):
-    out = render(load_profile(profile), Options(**opts), run_dir=tmp_path / "run", scripts_dir=tmp_path / "slurm",
-                 stages=stages)
+    out = write_jobs(load_profile(profile), Options(**opts), run_dir=tmp_path / "run", scripts_dir=tmp_path / "slurm",
+                     chapters=stages)
     return out, {p.name: p.read_text() for p in (tmp_path / "slurm").iterdir() if p.is_file()}
 
 
@@ -356,13 +357,13 @@ def test_estimates_count_verifier_calls_from_the_profile_and_the_run(tmp_path):
 
 def test_accelerate_command_one_node_unchanged_and_multi_node(tmp_path):
     profile = load_profile("paper")
-    one = training_stages.accelerate_command("sft", profile, tmp_path, environ={})
+    one = training_stages.accelerate_command("sft", Run.at(profile, tmp_path), environ={})
     assert one == [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "8", "--config_file",
                    profile.accelerate_config, "-m", "autorule_lib.train.launch", "sft", "--profile",
                    str(tmp_path / "profile.yaml"), "--run-dir", str(tmp_path)]
     env = {"AUTORULE_NUM_PROCESSES": "16", "AUTORULE_NUM_MACHINES": "2", "AUTORULE_MAIN_PROCESS_IP": "node01",
            "AUTORULE_MAIN_PROCESS_PORT": "29642", "AUTORULE_NODE_LAUNCHER": "srun --nodes=2 --ntasks-per-node=1"}
-    multi = training_stages.accelerate_command("grpo", profile, tmp_path, variant="autorule_uf", environ=env)
+    multi = training_stages.accelerate_command("grpo", Run.at(profile, tmp_path), variant="autorule_uf", environ=env)
     assert multi[:4] == ["srun", "--nodes=2", "--ntasks-per-node=1", sys.executable]
     assert multi[4:8] == ["-m", "autorule_lib.cluster.slurm", "node-rank", "--"]
     launch = multi[8:]
@@ -375,7 +376,7 @@ def test_accelerate_command_one_node_unchanged_and_multi_node(tmp_path):
     frozen = load_profile(tmp_path / "profile.yaml")
     before = (tmp_path / "profile.yaml").stat().st_mtime_ns
     time.sleep(0.01)
-    training_stages.accelerate_command("sft", frozen, tmp_path, environ={})
+    training_stages.accelerate_command("sft", Run.at(frozen, tmp_path), environ={})
     assert (tmp_path / "profile.yaml").stat().st_mtime_ns == before
 
 

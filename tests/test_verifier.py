@@ -7,10 +7,10 @@ import pytest
 from autorule_lib.config import VerifierConfig
 from autorule_lib.profiles import load_profile
 from autorule_lib.llm.base import LLMCallError, LLMResponse
-from autorule_lib.verify.prompt import CONCISE_CLAUSE, judge_prompt_ids, load_template, messages_conversation, prompt_token_ids
+from autorule_lib.verify.prompt import CONCISE_CLAUSE, verifier_prompt_ids, load_template, messages_conversation, prompt_token_ids
 from autorule_lib.verify.verifier import RuleVerifier
 from autorule_lib.verify.verdict import Verdict, parse_verdict, unscored
-from autorule_lib.verify.backends import APIJudge
+from autorule_lib.verify.backends import APIBackend
 
 CONV = "<|user|>What is 2+2?<|assistant|>It is 4."
 RULE = "The assistant's responses should state the final answer clearly."
@@ -85,7 +85,7 @@ def test_no_verdict_is_a_zero_by_default_and_still_counted():
     v = parse_verdict("I cannot tell.")
     assert v.value == 0 and v.reason.startswith("no_verdict")
     verifier = make_verifier(FakeBackend(answer=lambda c, r: parse_verdict("maybe")))
-    (row,) = verifier.judge([CONV], [RULE])
+    (row,) = verifier.verify([CONV], [RULE])
     assert row[0].value == 0 and verifier.stats["imposed:no_verdict"] == 1 and verifier.stats["unscored"] == 0
 
 
@@ -127,7 +127,7 @@ def test_backend_error_is_unscored_counted_and_not_cached(tmp_path):
     cache = ResponseCache(tmp_path / "v.sqlite")
     v = make_verifier(FakeBackend(fail=True), cache)
     with pytest.warns(UserWarning, match="backend failed"):
-        out = v.judge([CONV, "<|user|>x<|assistant|>y"], [RULE])
+        out = v.verify([CONV, "<|user|>x<|assistant|>y"], [RULE])
     assert all(row[0].value is None and row[0].reason.startswith("backend_error") for row in out)
     assert v.stats["unscored"] == 2 and v.stats["unscored:backend_error"] == 2 and v.stats["no"] == 0
     assert len(cache) == 0  # a failure is retried next time, never replayed
@@ -135,7 +135,7 @@ def test_backend_error_is_unscored_counted_and_not_cached(tmp_path):
 
 def test_unparseable_output_is_unscored_and_counted_in_strict_mode():
     v = make_verifier(FakeBackend(answer=lambda c, r: parse_verdict("maybe", False)), unparseable_as_no=False)
-    (row,) = v.judge([CONV], [RULE, "Another rule."])
+    (row,) = v.verify([CONV], [RULE, "Another rule."])
     assert [x.value for x in row] == [None, None]
     assert v.stats["unscored:unparseable"] == 2 and v.stats["checks"] == 2
 
@@ -145,28 +145,28 @@ def test_cache_hit_makes_no_model_call(tmp_path):
 
     first = FakeBackend()
     v1 = make_verifier(first, ResponseCache(tmp_path / "v.sqlite"))
-    before = v1.judge([CONV, "<|user|>Q<|assistant|>five"], [RULE])
+    before = v1.verify([CONV, "<|user|>Q<|assistant|>five"], [RULE])
     second = FakeBackend(answer=lambda c, r: parse_verdict("[[Yes]]"))  # would answer differently if asked
     v2 = make_verifier(second, ResponseCache(tmp_path / "v.sqlite"))  # a new process, same cache file
-    after = v2.judge([CONV, "<|user|>Q<|assistant|>five"], [RULE])
+    after = v2.verify([CONV, "<|user|>Q<|assistant|>five"], [RULE])
     assert second.calls == [] and v2.stats["cache_hits"] == 2 and v2.stats["model_checks"] == 0
     assert [r[0].value for r in after] == [r[0].value for r in before] == [1, 0]
     assert all(r[0].cached for r in after)
     other = v2.variant(layout="conversation_first")  # another template version: not the same verdict
-    other.judge([CONV], [RULE])
+    other.verify([CONV], [RULE])
     assert len(second.calls) == 1
 
 
 def test_identical_checks_are_judged_once():
     backend = FakeBackend()
     v = make_verifier(backend)
-    v.judge([CONV, CONV, CONV], [RULE])
+    v.verify([CONV, CONV, CONV], [RULE])
     assert len(backend.calls[0]) == 1 and v.stats["checks"] == 3
 
 
 def test_fast_mode_needs_probabilities():
     with pytest.raises(ValueError, match="fast"):
-        RuleVerifier(APIJudge(client=None), load_template("rule_first"), VerifierConfig(mode="fast"), "api")
+        RuleVerifier(APIBackend(client=None), load_template("rule_first"), VerifierConfig(mode="fast"), "api")
 
 
 # ---------------------------------------------------------------- API judge
@@ -191,8 +191,8 @@ class FakeClient:
 ])
 def test_api_judge_verdicts_and_failures(reply, value, reason):
     client = FakeClient(reply)
-    v = RuleVerifier(APIJudge(client, num_workers=2), load_template("rule_first"), VerifierConfig(), "api")
-    (row,) = v.judge([CONV], [RULE])
+    v = RuleVerifier(APIBackend(client, num_workers=2), load_template("rule_first"), VerifierConfig(), "api")
+    (row,) = v.verify([CONV], [RULE])
     assert (row[0].value, row[0].reason) == (value, reason)
     messages, params = client.seen[0]
     assert RULE in messages[0]["content"] and CONV in messages[0]["content"]
@@ -269,11 +269,11 @@ def test_trained_tiny_judge_follows_its_criterion_on_the_response(judge, layout)
 @pytest.mark.parametrize("layout", ["rule_first", "conversation_first"])
 def test_fast_and_parity_agree_on_the_trained_judge(judge, checks, layout):
     convs, rules = checks
-    parity = judge.variant(mode="parity", layout=layout).judge(convs, rules)
+    parity = judge.variant(mode="parity", layout=layout).verify(convs, rules)
     fast_verifier = judge.variant(mode="fast", layout=layout)
-    fast = fast_verifier.judge(convs, rules)
+    fast = fast_verifier.verify(convs, rules)
     fast_verifier.reuse_prefix = False
-    reencoded = fast_verifier.judge(convs, rules)
+    reencoded = fast_verifier.verify(convs, rules)
     outputs = {x.output for row in parity for x in row}
     assert outputs <= {"[[Yes]]", "[[No]]"}  # generation stopped right after the verdict and its end token
     pv = [x.value for row in parity for x in row]
@@ -291,15 +291,15 @@ def test_right_truncation_switch(judge, checks):
     short = judge.variant()
     short.cfg = dataclasses.replace(short.cfg, truncate_prompt_tokens=40)
     assert short.cache_parts(convs[0], rules[0]) != judge.cache_parts(convs[0], rules[0])
-    (row,) = short.judge(convs[:1], rules[:1])  # the answer instructions are cut off: whatever it says is counted
+    (row,) = short.verify(convs[:1], rules[:1])  # the answer instructions are cut off: whatever it says is counted
     assert short.stats["checks"] == 1
     # self-consistent with the original: a truncated prompt's no-verdict answer is 0 even in strict mode
     strict = dataclasses.replace(judge.cfg, truncate_prompt_tokens=40, unparseable_as_no=False)
-    ids, zero = judge_prompt_ids(tok, tpl, [(convs[0], rules[0]), ("<|user|>a<|assistant|>b", rules[0])], strict)
+    ids, zero = verifier_prompt_ids(tok, tpl, [(convs[0], rules[0]), ("<|user|>a<|assistant|>b", rules[0])], strict)
     assert ids[0] == full[:40] and zero[0] is True
-    assert judge_prompt_ids(tok, tpl, [(convs[0], rules[0])], dataclasses.replace(strict, truncate_prompt_tokens=None))[1] == [False]
+    assert verifier_prompt_ids(tok, tpl, [(convs[0], rules[0])], dataclasses.replace(strict, truncate_prompt_tokens=None))[1] == [False]
     short.cfg = strict
-    (row,) = short.judge(convs[:1], rules[:1])
+    (row,) = short.verify(convs[:1], rules[:1])
     assert row[0].value is not None
 
 
@@ -376,7 +376,7 @@ def test_api_backends_are_built_from_the_profile(tmp_path):
 
     profile = load_profile("smoke")
     v = build_verifier(profile, tmp_path, backend="openai", client=FakeClient("[[No]]"))
-    assert v.verifier_id == "openai:tiny" and v.judge([CONV], [RULE])[0][0].value == 0
+    assert v.verifier_id == "openai:tiny" and v.verify([CONV], [RULE])[0][0].value == 0
     client = make_api_client(profile, dataclasses.replace(profile.verifier, backend="openai",
                                                           api_base_url="http://127.0.0.1:9/v1"))
     assert (client.provider, client.temperature, client.max_tokens) == ("openai", 0.0, profile.verifier.max_new_tokens)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from autorule_lib.evaluate.judge import JudgeReply, JudgeSpec
-from autorule_lib.evaluate.winrate import ADMISSIBLE_RANKINGS, RANKING_PROMPT, bootstrap_ci, judge_pairs, parse_ranking, ranking_prompt, summarize, uf_win_rate
+from autorule_lib.evaluate.winrate import ADMISSIBLE_RANKINGS, RANKING_PROMPT, bootstrap_ci, judge_pairs, parse_ranking, ranking_prompt, summarize_win_rate, uf_win_rate
 
 SEED = Path(__file__).resolve().parents[1] / "fixtures" / "authors_readme" / "evaluation_texts.md"
 
@@ -182,5 +182,5 @@ def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
     assert bootstrap_ci(values, seed=1) == bootstrap_ci(values, seed=1)
     lo, hi = bootstrap_ci(values, n=500, seed=1)
     assert lo <= sum(values) / len(values) <= hi
-    s = summarize([], 0)
+    s = summarize_win_rate([], 0)
     assert s.n_pairs == 0 and s.win_rate != s.win_rate

@@ -1,7 +1,7 @@
-"""What a notebook needs to start a stage: the profile, the run directory and its own artifact folder.
+"""What a notebook needs to start a chapter: the profile, the run's layout and its own artifact folder.
 
 The same call works under papermill (the runner injects the frozen profile and run directory) and in
-JupyterLab (defaults: the named profile and its usual run directory, so earlier stages' artifacts
+JupyterLab (defaults: the named profile and its usual run directory, so earlier chapters' artifacts
 are found).
 """
 from __future__ import annotations
@@ -10,29 +10,25 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..artifacts import stage_dir
 from ..config import Profile
+from ..layout import Run, RunLayout
 from ..profiles import load_profile, run_dir as default_run_dir
 from ..smoke.models import build_models
 
 
 @dataclass
-class StageContext:
+class ChapterContext(Run):
+    """The run (profile and layout) as one chapter sees it: its name and its own artifact folder."""
+
     name: str
-    profile: Profile
-    run_dir: Path
-    out: Path  # this stage's artifacts
+    out: Path  # this chapter's artifacts (``layout.chapter_out(name)``)
 
     @property
     def models_dir(self) -> Path:
-        return self.run_dir / "models"
-
-    def artifacts(self, stage: str) -> Path:
-        """Another stage's artifact folder (it may not exist yet)."""
-        return self.run_dir / "artifacts" / stage
+        return self.layout.models
 
 
-def open_stage(name: str, profile: str | Profile = "smoke", run_dir: str | Path | None = None) -> StageContext:
+def open_chapter(name: str, profile: str | Profile = "smoke", run_dir: str | Path | None = None) -> ChapterContext:
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     rdir = default_run_dir(prof, run_dir)
     if prof.models.build is not None:
@@ -40,10 +36,11 @@ def open_stage(name: str, profile: str | Profile = "smoke", run_dir: str | Path 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     _quiet_progress_bars()
+    layout = RunLayout(rdir)
     # the prologue builds them (once per run) and records them where the method finds them (autorule_lib.models)
-    build_models(prof, rdir / "models")
-    ctx = StageContext(name, prof, rdir, stage_dir(rdir, name))
-    print(f"stage {name} | profile {prof.name} (hash {prof.hash()}) | run dir {rdir}")
+    build_models(prof, layout.models)
+    ctx = ChapterContext(prof, layout, name, layout.chapter_out(name))
+    print(f"chapter {name} | profile {prof.name} (hash {prof.hash()}) | run dir {rdir}")
     return ctx
 
 

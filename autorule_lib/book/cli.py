@@ -7,6 +7,7 @@ import sys
 
 from ..artifacts import CorruptFileError, MissingArtifactError, require
 from ..config import ConfigError
+from ..layout import DATA, RunLayout
 from ..profiles import load_profile, run_dir
 from ..data.preparation import SchemaError
 
@@ -22,7 +23,7 @@ def _cmd_prepare_data(args) -> int:
     from ..smoke.models import build_models
 
     profile = load_profile(args.profile)
-    models_dir = run_dir(profile) / "models"
+    models_dir = RunLayout(run_dir(profile)).models
     if args.dataset == "ultrafeedback" and args.tokenizer is None:
         build_models(profile, models_dir)  # its length filter needs the tokenizer: smoke's is built locally
     report = prepare_data(profile, args.dataset, args.source, args.output_dir, tokenizer=args.tokenizer,
@@ -36,7 +37,7 @@ def _cmd_prepare_data(args) -> int:
 
 
 def _cmd_extract_rules(args) -> int:
-    from ..extraction.pipeline import ExtractionError, extract_rules_from_source, stage_table, with_overrides
+    from ..extraction.pipeline import ExtractionError, extract_rules_from_source, step_table, with_overrides
     from ..extraction.sampling import uf_sample_pool
 
     if args.profile is None and args.llm in SPENDING_LLMS:
@@ -51,10 +52,10 @@ def _cmd_extract_rules(args) -> int:
     if source is None and cfg.llm == "replay":
         # the recorded responses answer chapter 02's examples, which come from chapter 01's prepared sets
         if args.dataset_type == "uf":  # the pool chapter 02 draws from (unfiltered train_prefs by default)
-            data_dir = require(run_dir(profile) / "artifacts" / "01_data_preparation" / "ultrafeedback", "01")
+            data_dir = require(RunLayout(run_dir(profile)).data("ultrafeedback"), DATA[:2])
             pool, pool_split = uf_sample_pool(profile, data_dir)
         else:
-            pool = require(run_dir(profile) / "artifacts" / "01_data_preparation" / "mt_bench" / "sets", "01")
+            pool = require(RunLayout(run_dir(profile)).data_sets("mt_bench"), DATA[:2])
             pool_split = "mt_train"
         source, split = str(pool), split or pool_split
     elif source is None:
@@ -65,7 +66,7 @@ def _cmd_extract_rules(args) -> int:
     except ExtractionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    for row in stage_table(result.report):
+    for row in step_table(result.report):
         print(" ".join(f"{k}={v}" for k, v in row.items()))
     print(f"{len(result.merged_rules)} rules (hash {result.rule_set_hash[:16]}) from "
           f"{result.report['examples_ok']}/{result.report['examples']} examples -> {args.output_dir}/merged_rules.json")
@@ -74,7 +75,7 @@ def _cmd_extract_rules(args) -> int:
 
 def _cmd_run(args) -> int:
     from .run_lock import RunLocked
-    from .runner import PrerequisitesMissing, RunDirError, RunInterrupted, StageFailed, run_book
+    from .runner import ChapterFailed, PrerequisitesMissing, RunDirError, RunInterrupted, run_book
 
     profile = load_profile(args.profile)
     only = [x for item in (args.only or []) for x in item.split(",") if x]
@@ -82,7 +83,7 @@ def _cmd_run(args) -> int:
         # papermill's per-cell bar helps at a terminal; in a log file or a SLURM log it is noise
         manifest = run_book(profile, only=only, output_dir=args.output_dir, force=args.force,
                             progress=sys.stderr.isatty())
-    except StageFailed as e:
+    except ChapterFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except RunInterrupted as e:
@@ -91,7 +92,7 @@ def _cmd_run(args) -> int:
     except (RunDirError, RunLocked, PrerequisitesMissing) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"run finished: {run_dir(profile, args.output_dir)} ({len(manifest['stages'])} stage(s) recorded)")
+    print(f"run finished: {run_dir(profile, args.output_dir)} ({len(manifest['stages'])} chapter(s) recorded)")
     return 0
 
 
@@ -113,7 +114,7 @@ def _cmd_profile(args) -> int:
 
 def _cmd_slurm(args) -> int:
     from ..cluster.estimates import to_markdown
-    from ..cluster.slurm import TEMPLATES_DIR, Options, render, submit
+    from ..cluster.slurm import TEMPLATES_DIR, Options, submit, write_jobs
 
     profile = load_profile(args.profile)
     opts = Options(partition=args.partition, cpu_partition=args.cpu_partition, account=args.account, nodes=args.nodes,
@@ -124,7 +125,7 @@ def _cmd_slurm(args) -> int:
                    mem_per_gpu=args.mem_per_gpu, cpu_mem=args.cpu_mem, hf_home=args.hf_home,
                    fetch_models=args.fetch_models,
                    only=[x for item in (args.only or []) for x in item.split(",") if x] or None)
-    out = render(profile, opts, run_dir=args.run_dir, scripts_dir=args.output_dir,
+    out = write_jobs(profile, opts, run_dir=args.run_dir, scripts_dir=args.output_dir,
                  templates_dir=args.templates or TEMPLATES_DIR)
     print(to_markdown(out["estimates"]))
     print(f"wrote {len(out['jobs'])} job scripts, submit.sh, estimates.md and estimates.json to {out['scripts_dir']}; "
@@ -137,7 +138,7 @@ def _cmd_slurm(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="autorule", description="AutoRule Book: run the reproduction stage by stage.")
+    p = argparse.ArgumentParser(prog="autorule", description="AutoRule Book: run the reproduction chapter by chapter.")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("prepare-data", help="Prepare UltraFeedback or MT-Bench data (the method, book/method.md §1).")
@@ -172,9 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="Execute the book's notebooks in order with papermill.")
     r.add_argument("--profile", default="smoke")
-    r.add_argument("--only", action="append", help="stages to run: numbers or names, comma-separated")
+    r.add_argument("--only", action="append", help="chapters to run: numbers or names, comma-separated")
     r.add_argument("--output-dir", help="run directory (default: <runs_dir>/<profile name>)")
-    r.add_argument("--force", action="store_true", help="re-run stages whose inputs are unchanged")
+    r.add_argument("--force", action="store_true", help="re-run chapters whose inputs are unchanged")
     r.set_defaults(func=_cmd_run)
 
     b = sub.add_parser("book", help="Build the HTML book from a run's executed notebooks.")
@@ -186,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("profile")
     s.set_defaults(func=_cmd_profile)
 
-    c = sub.add_parser("slurm", help="Write (and submit) one SLURM job per stage, chained, with estimates.")
+    c = sub.add_parser("slurm", help="Write (and submit) one SLURM job per chapter, chained, with estimates.")
     c.add_argument("--profile", required=True, help="profile name or YAML file (frozen into the run dir)")
     c.add_argument("--output-dir", help="where the job scripts go (default: <run dir>/slurm)")
     c.add_argument("--run-dir", help="run directory on a shared filesystem (default: <runs_dir>/<profile name>)")
@@ -196,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--nodes", type=int, default=1,
                    help="nodes per training job (04-06) without vLLM servers; every other job uses one")
     c.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: the profile's num_processes)")
-    c.add_argument("--time", default="24:00:00", help="time limit of GPU jobs; longer stages requeue and resume")
+    c.add_argument("--time", default="24:00:00", help="time limit of GPU jobs; longer chapters requeue and resume")
     c.add_argument("--cpu-time", default="04:00:00", help="time limit of CPU-only jobs")
     c.add_argument("--cpus-per-gpu", type=int, default=8, help="CPU cores per GPU (CPU jobs get this many)")
     c.add_argument("--policy-vllm-gpus", type=int,
@@ -219,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--setup", action="append", help="shell line run first in every job (repeatable), "
                    "e.g. 'module load cuda/12.4'")
     c.add_argument("--sbatch-arg", action="append", help="extra #SBATCH option (repeatable), e.g. --sbatch-arg=--qos=high")
-    c.add_argument("--only", action="append", help="stages to submit: numbers or names, comma-separated")
+    c.add_argument("--only", action="append", help="chapters to submit: numbers or names, comma-separated")
     c.add_argument("--templates", help="folder with edited job.sbatch.j2/submit.sh.j2 (default: configs/slurm)")
     c.add_argument("--dry-run", action="store_true", help="write the scripts and estimates, submit nothing")
     c.set_defaults(func=_cmd_slurm)

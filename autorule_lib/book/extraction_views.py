@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..artifacts import read_json
-from ..extraction.pipeline import ExtractionResult, diff_rule_sets, stage_table
+from ..extraction.pipeline import ExtractionResult, diff_rule_sets, step_table
 from ..extraction.templates import PromptTemplate, explain_messages
 from ..extraction.sampling import Example, serialize_conversation
 
@@ -42,7 +42,7 @@ def _block(title: str, text: str | None, width: int = 110, max_chars: int = 1500
 
 
 def show_example(record: dict, templates: dict[str, PromptTemplate]) -> None:
-    """One example through the three-stage pipeline: what went in and what came out."""
+    """One example through the three-step pipeline: what went in and what came out."""
     conv = record["conversations"]
     ex = Example(record["example_id"], conv["conversation_a"], conv["conversation_b"], record["winner"],
                  record["source"])
@@ -52,10 +52,10 @@ def show_example(record: dict, templates: dict[str, PromptTemplate]) -> None:
     _block("Assistant B", serialize_conversation(ex.conversation_b))
     print(f"\n(explain prompt: {len(explain_messages(ex, templates)[0]['content'])} characters, "
           f"template {templates['explain'].version}, one user message, no system prompt)")
-    _block("Stage 1 output: reasoning chain", record["reasoning"])
-    _block("Stage 1 output: final explanation", record["explanation"])
-    _block("Stage 2 answer (raw text)", record["extract_answer"])
-    print(f"\n=== Stage 2 parsed: {record['status']} ===")
+    _block("Step 1 (explain) output: reasoning chain", record["reasoning"])
+    _block("Step 1 (explain) output: final explanation", record["explanation"])
+    _block("Step 2 (extract) answer (raw text)", record["extract_answer"])
+    print(f"\n=== Step 2 (extract) parsed: {record['status']} ===")
     if record["status"] == "ok":
         for r in record["extracted_rules"]:
             print(" -", r)
@@ -101,12 +101,12 @@ def failures_table(reports: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index(["dataset", "example_id"])
 
 
-def stage_costs(report: dict, note: bool = True) -> pd.DataFrame:
-    """Per-stage counts, tokens, latency and cost; cost counts every answer used, cached ones included."""
+def step_costs(report: dict, note: bool = True) -> pd.DataFrame:
+    """Per-step counts, tokens, latency and cost; cost counts every answer used, cached ones included."""
     if note and report["provenance"]["llm"]["demonstration_responses"]:
         print("Replayed demonstration responses: token counts are estimates (characters / 4) and the cost is "
               "what such calls would cost at the configured price; nothing was spent.")
-    df = pd.DataFrame(stage_table(report)).set_index("stage")
+    df = pd.DataFrame(step_table(report)).set_index("step")
     df.loc["total"] = df[["items", "succeeded", "failed", "repaired", "retries", "calls_made", "cache_hits",
                           "input_tokens", "output_tokens"]].sum()
     if df["cost_usd"].notna().any():
@@ -119,7 +119,7 @@ def compare_with_previous(output_dir: str | Path) -> pd.DataFrame | None:
     out = Path(output_dir)
     prev_path = out / "rules.previous.json"
     if not prev_path.exists():
-        print(f"{out.name}: no previous run in this folder; re-run the stage (or change a setting) to compare.")
+        print(f"{out.name}: no previous run in this folder; re-run the chapter (or change a setting) to compare.")
         return None
     prev, new = read_json(prev_path), read_json(out / "rules.json")
     d = diff_rule_sets(prev["rules"], new["rules"])

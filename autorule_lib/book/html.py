@@ -22,6 +22,7 @@ import yaml
 from . import pages as book_pages
 from ..artifacts import read_json
 from ..config import PROJECT_ROOT
+from ..layout import RunLayout
 from ..redaction import scrub_tree
 from ..artifacts import MissingArtifactError  # kept apart from the imports above: merges
 
@@ -34,23 +35,24 @@ def build_book(run_dir: str | Path, profile=None) -> Path:
     """Build ``<run_dir>/book/_build/html`` from ``<run_dir>/notebooks``; returns the index page.
 
     ``profile`` (the current one) refuses a run made with other settings."""
-    from .runner import discover_stages
+    from .runner import discover_chapters
 
     run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
     name = profile.name if profile is not None else run_dir.name
     first = f"run `autorule run --profile {name}` first, then build the book"
-    if not (run_dir / "manifest.json").exists():
+    if not layout.manifest.exists():
         raise MissingArtifactError(f"no run in {run_dir} yet (no manifest.json): {first}")
-    manifest = read_json(run_dir / "manifest.json")
+    manifest = read_json(layout.manifest)
     if profile is not None and manifest.get("profile_hash") != profile.hash():
         raise MissingArtifactError(f"{run_dir} holds a run of profile {manifest.get('profile')!r} with settings "
                                    f"hash {manifest.get('profile_hash')}, but profile {name!r} now has hash "
                                    f"{profile.hash()}: {first}")
-    executed, missing = publishable(run_dir, manifest, [s.name for s in discover_stages()])
+    executed, missing = publishable(run_dir, manifest, [s.name for s in discover_chapters()])
     if not executed:
         raise MissingArtifactError(f"no chapter of the run in {run_dir} has finished: {first}")
     failed = [f"{n} ({why})" for n, why in missing.items()]
-    src = run_dir / "book_src"
+    src = layout.book_src
     shutil.rmtree(src, ignore_errors=True)
     shutil.copytree(BOOK_DIR, src, ignore=shutil.ignore_patterns("_build", "_toc.yml"))
     (src / "chapters").mkdir(exist_ok=True)
@@ -63,7 +65,7 @@ def build_book(run_dir: str | Path, profile=None) -> Path:
     (src / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
     _add_texts(src, failed)
     (src / "run_manifest.md").write_text(_manifest_page(manifest, failed))
-    out = run_dir / "book"
+    out = layout.book
     # jupyter_book.cli.main has no __main__ guard; call its click entry point in a child process
     cmd = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()",
            "build", str(src), "--path-output", str(out), "--all", "-q"]
@@ -81,7 +83,7 @@ def build_book(run_dir: str | Path, profile=None) -> Path:
 def _is_smoke_run(run_dir: Path) -> bool:
     """``results.is_smoke`` on the run's frozen profile, read as plain YAML: the book of a finished run
     builds even where the profile's local data folders are gone."""
-    frozen = run_dir / "profile.yaml"
+    frozen = RunLayout(run_dir).profile_file
     data = yaml.safe_load(frozen.read_text()) if frozen.exists() else {}
     return bool(data.get("demonstration"))
 
@@ -89,20 +91,20 @@ def _is_smoke_run(run_dir: Path) -> bool:
 def _manifest_page(manifest: dict, failed: list[str]) -> str:
     rows = "\n".join(f"| {name} | {s.get('status')} | {s.get('seconds', '')} | `{s.get('fingerprint', '')}` |"
                      for name, s in sorted(manifest["stages"].items()))
-    warn = f"\n```{{warning}}\nStages not finished successfully: {', '.join(failed)}\n```\n" if failed else ""
+    warn = f"\n```{{warning}}\nChapters not finished successfully: {', '.join(failed)}\n```\n" if failed else ""
     pkgs = ", ".join(f"{k} {v}" for k, v in manifest["packages"].items())
     return (f"# Run manifest\n{warn}\n- profile: **{manifest['profile']}** (hash `{manifest['profile_hash']}`, "
             f"seed {manifest['seed']})\n- code: `{manifest['git_commit']}`\n- Python {manifest['python']}; {pkgs}\n"
             f"- started {manifest['started_at']}, ended {manifest['ended_at']}\n\n"
-            f"| stage | status | seconds | fingerprint |\n|---|---|---|---|\n{rows}\n")
+            f"| chapter | status | seconds | fingerprint |\n|---|---|---|---|\n{rows}\n")
 
 
-def publishable(run_dir: Path, manifest: dict, stage_names: list[str]) -> tuple[list[Path], dict[str, str]]:
+def publishable(run_dir: Path, manifest: dict, chapter_names: list[str]) -> tuple[list[Path], dict[str, str]]:
     """Executed notebooks to publish, in chapter order, and why each other chapter is left out."""
     records = manifest.get("stages", {})
     keep, missing = [], {}
-    for name in dict.fromkeys(stage_names + sorted(records)):
-        rec, nb = records.get(name), run_dir / "notebooks" / f"{name}.ipynb"
+    for name in dict.fromkeys(chapter_names + sorted(records)):
+        rec, nb = records.get(name), RunLayout(run_dir).executed_notebook(name)
         if rec is None:
             missing[name] = "not run under this profile"
         elif rec.get("status") != "ok":

@@ -1,8 +1,8 @@
 """Execute the numbered notebooks of the book in order with papermill, with a run manifest.
 
-A stage is skipped when its fingerprint matches a previous successful run, unless forced. The
-fingerprint chains: a stage's notebook code, the profile hash, the library code, the contents of the
-profile's local data files, and what the stage before it produced (by content, see ``run_identity``),
+A chapter is skipped when its fingerprint matches a previous successful run, unless forced. The
+fingerprint chains: a chapter's notebook code, the profile hash, the library code, the contents of the
+profile's local data files, and what the chapter before it produced (by content, see ``run_identity``),
 so a retrained model or an edited fixture re-runs everything that depends on it.
 
 A run directory belongs to one profile and one run at a time (``run_lock``). Arguments are checked
@@ -26,6 +26,7 @@ import yaml
 
 from ..artifacts import CorruptFileError, git_commit, now, package_versions, read_json, write_json
 from ..config import PROJECT_ROOT, Profile
+from ..layout import RunLayout
 from ..profiles import dump_profile, run_dir as default_run_dir
 from ..redaction import scrub_tree
 from .run_identity import FileHashes, local_data_digest, snapshot, written_since
@@ -33,16 +34,16 @@ from .run_lock import RunLock
 
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 LIBRARY_DIR = Path(__file__).resolve().parents[1]
-STAGE_NAME = re.compile(r"^(\d\d)_[a-z0-9_]+\.ipynb$")
+CHAPTER_NAME = re.compile(r"^(\d\d)_[a-z0-9_]+\.ipynb$")
 KERNEL_NAME = "autorule"
 
 
-class StageFailed(RuntimeError):
-    """A notebook raised; the message shows the stage, the cell and the error."""
+class ChapterFailed(RuntimeError):
+    """A notebook raised; the message shows the chapter, the cell and the error."""
 
 
 @dataclass
-class Stage:
+class Chapter:
     name: str
     path: Path
 
@@ -51,19 +52,19 @@ class Stage:
         return self.name[:2]
 
 
-def discover_stages(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[Stage]:
-    return [Stage(p.stem, p) for p in sorted(notebooks_dir.glob("*.ipynb")) if STAGE_NAME.match(p.name)]
+def discover_chapters(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[Chapter]:
+    return [Chapter(p.stem, p) for p in sorted(notebooks_dir.glob("*.ipynb")) if CHAPTER_NAME.match(p.name)]
 
 
-def select_stages(stages: list[Stage], only: list[str] | None) -> list[Stage]:
+def select_chapters(chapters: list[Chapter], only: list[str] | None) -> list[Chapter]:
     """``only`` items may be a number ('02'), a full name, or a name without its number."""
     if not only:
-        return stages
+        return chapters
     chosen = []
     for item in only:
-        match = [s for s in stages if item in (s.number, s.name, s.name[3:])]
+        match = [s for s in chapters if item in (s.number, s.name, s.name[3:])]
         if not match:
-            raise ValueError(f"--only {item!r}: no such stage (have {[s.name for s in stages]})")
+            raise ValueError(f"--only {item!r}: no such chapter (have {[s.name for s in chapters]})")
         chosen.extend(m for m in match if m not in chosen)
     return sorted(chosen, key=lambda s: s.name)
 
@@ -81,16 +82,16 @@ def library_hash() -> str:
     return h.hexdigest()
 
 
-def fingerprints(stages: list[Stage], profile: Profile, run_dir: Path | None = None,
+def fingerprints(chapters: list[Chapter], profile: Profile, run_dir: Path | None = None,
                  records: dict | None = None, hashes: FileHashes | None = None) -> dict[str, str]:
-    """Chained input hashes: a change to a stage, or to what an earlier stage produced, re-runs it and
-    everything after it. ``records`` (the manifest's stages) says which files each stage wrote."""
+    """Chained input hashes: a change to a chapter, or to what an earlier chapter produced, re-runs it and
+    everything after it. ``records`` (the manifest's "stages") says which files each chapter wrote."""
     records = records or {}
     if run_dir is not None and hashes is None:
         hashes = FileHashes(run_dir)
     data = local_data_digest(profile, hashes or FileHashes(Path(os.devnull)))
     out, prev, lib, upstream = {}, "", library_hash(), ""
-    for s in stages:
+    for s in chapters:
         prev = hashlib.sha256(f"{prev}|{_code_hash(s.path)}|{profile.hash()}|{lib}|{data}|{upstream}"
                               .encode()).hexdigest()[:16]
         out[s.name] = prev
@@ -102,9 +103,9 @@ def fingerprints(stages: list[Stage], profile: Profile, run_dir: Path | None = N
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C (or SIGTERM) during a chapter; the manifest marks it interrupted."""
 
-    def __init__(self, stage: str):
-        super().__init__(f"interrupted in chapter {stage}; re-run to resume")
-        self.stage = stage
+    def __init__(self, chapter: str):
+        super().__init__(f"interrupted in chapter {chapter}; re-run to resume")
+        self.chapter = chapter
 
 
 class RunDirError(RuntimeError):
@@ -145,11 +146,12 @@ def _kernel_name() -> str:
     return KERNEL_NAME if KERNEL_NAME in KernelSpecManager().find_kernel_specs() else "python3"
 
 
-def _describe_failure(stage: Stage, err: Exception, executed: Path) -> str:
+def _describe_failure(chapter: Chapter, err: Exception, executed: Path) -> str:
     cell = getattr(err, "cell_index", None)
     source = (getattr(err, "source", "") or "").strip().splitlines()
     ename, evalue = getattr(err, "ename", type(err).__name__), getattr(err, "evalue", str(err))
-    lines = [f"stage {stage.name} failed" + (f" in cell {cell}" if cell is not None else "") + f": {ename}: {evalue}"]
+    where = f" in cell {cell}" if cell is not None else ""
+    lines = [f"chapter {chapter.name} failed{where}: {ename}: {evalue}"]
     if source:
         lines += ["  cell source:"] + [f"    {line}" for line in source[:15]]
     lines.append(f"  executed notebook (with the full traceback): {executed}")
@@ -158,10 +160,10 @@ def _describe_failure(stage: Stage, err: Exception, executed: Path) -> str:
 
 def _owner(rdir: Path) -> str | None:
     """Name of the profile whose run the directory holds (manifest first, else its frozen profile)."""
-    manifest = rdir / "manifest.json"
+    manifest = RunLayout(rdir).manifest
     if manifest.exists():
         return read_json(manifest).get("profile")
-    frozen = rdir / "profile.yaml"
+    frozen = RunLayout(rdir).profile_file
     if frozen.exists():
         try:
             return (yaml.safe_load(frozen.read_text()) or {}).get("name")
@@ -196,11 +198,11 @@ def _notebook_ok(path: Path) -> bool:
         return False
 
 
-def missing_prerequisites(stages: list[Stage], selected: list[Stage], records: dict) -> list[str]:
+def missing_prerequisites(chapters: list[Chapter], selected: list[Chapter], records: dict) -> list[str]:
     """Every earlier chapter that is neither selected nor finished, for all selected chapters at once."""
     chosen = {s.name for s in selected}
-    last = max(stages.index(s) for s in selected)
-    return [f"{s.name} ({records.get(s.name, {}).get('status', 'not run')})" for s in stages[:last]
+    last = max(chapters.index(s) for s in selected)
+    return [f"{s.name} ({records.get(s.name, {}).get('status', 'not run')})" for s in chapters[:last]
             if s.name not in chosen and records.get(s.name, {}).get("status") != "ok"]
 
 
@@ -215,17 +217,17 @@ def _on_signal(signum, frame):
 
 def run_book(profile: Profile, only: list[str] | None = None, output_dir: str | Path | None = None,
              force: bool = False, progress: bool = True, notebooks_dir: Path = NOTEBOOKS_DIR) -> dict:
-    """Run the selected stages; returns the manifest. Raises StageFailed on the first failing stage,
+    """Run the selected chapters; returns the manifest. Raises ChapterFailed on the first failing chapter,
     RunInterrupted on Ctrl-C/SIGTERM, RunDirError/RunLocked/PrerequisitesMissing before running anything."""
-    stages = discover_stages(notebooks_dir)
-    selected = select_stages(stages, only)  # bad --only: nothing written yet
+    chapters = discover_chapters(notebooks_dir)
+    selected = select_chapters(chapters, only)  # bad --only: nothing written yet
     rdir = default_run_dir(profile, output_dir)
     check_run_dir(rdir, profile)
-    manifest_path = rdir / "manifest.json"
+    manifest_path = RunLayout(rdir).manifest
     old = read_json(manifest_path) if manifest_path.exists() else {}
     records = old.get("stages", {}) if old.get("profile_hash") == profile.hash() else {}
     if only:
-        missing = missing_prerequisites(stages, selected, records)
+        missing = missing_prerequisites(chapters, selected, records)
         if missing:
             names = ",".join(m[:2] for m in missing)
             raise PrerequisitesMissing(f"earlier chapters have not finished under profile {profile.name!r}: "
@@ -238,19 +240,20 @@ def run_book(profile: Profile, only: list[str] | None = None, output_dir: str | 
     with RunLock(rdir) as lock:
         if lock.taken_over is not None:
             print(f"note: took over the lock of a run that is gone (pid {lock.taken_over.get('pid')})", flush=True)
-        return _run_locked(profile, stages, selected, rdir, force, progress, notebooks_dir)
+        return _run_locked(profile, chapters, selected, rdir, force, progress, notebooks_dir)
 
 
-def _run_locked(profile, stages, selected, rdir, force, progress, notebooks_dir) -> dict:
+def _run_locked(profile, chapters, selected, rdir, force, progress, notebooks_dir) -> dict:
     import papermill as pm
 
-    manifest_path = rdir / "manifest.json"  # read again under the lock: another run may just have ended
+    layout = RunLayout(rdir)
+    manifest_path = layout.manifest  # read again under the lock: another run may just have ended
     old = read_json(manifest_path) if manifest_path.exists() else {}
     records = old.get("stages", {}) if old.get("profile_hash") == profile.hash() else {}
     for name, rec in records.items():  # left "running" by a run that died: it is no longer running
         if rec.get("status") == "running":
             rec.update(status="interrupted", error="the run ended without recording this chapter's result")
-    frozen = dump_profile(profile, rdir / "profile.yaml")
+    frozen = dump_profile(profile, layout.profile_file)
     manifest = {
         "profile": profile.name, "profile_file": profile.source_file, "profile_hash": profile.hash(),
         "seed": profile.seed, "git_commit": git_commit(), "packages": package_versions(),
@@ -262,22 +265,23 @@ def _run_locked(profile, stages, selected, rdir, force, progress, notebooks_dir)
     previous = ({sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
                 if _main_thread() else {})
     try:
-        for i, stage in enumerate(selected, 1):
-            fp = fingerprints(stages, profile, rdir, manifest["stages"], hashes)[stage.name]
+        for i, chapter in enumerate(selected, 1):
+            fp = fingerprints(chapters, profile, rdir, manifest["stages"], hashes)[chapter.name]
             hashes.save()
-            executed = rdir / "notebooks" / stage.path.name
-            prev = manifest["stages"].get(stage.name, {})
+            executed = layout.executed_notebook(chapter.name)
+            prev = manifest["stages"].get(chapter.name, {})
             if not force and prev.get("status") == "ok" and prev.get("fingerprint") == fp:
                 if _notebook_ok(executed):
-                    print(f"[{i}/{len(selected)}] {stage.name}: unchanged, skipped (use --force to re-run)", flush=True)
+                    print(f"[{i}/{len(selected)}] {chapter.name}: unchanged, skipped (use --force to re-run)",
+                          flush=True)
                     continue
-                print(f"[{i}/{len(selected)}] {stage.name}: its executed notebook is missing or corrupt; re-running",
+                print(f"[{i}/{len(selected)}] {chapter.name}: its executed notebook is missing or corrupt; re-running",
                       flush=True)
             why = "" if prev.get("status") != "ok" or force else " (inputs changed)"
-            print(f"[{i}/{len(selected)}] {stage.name}: running{why}", flush=True)
-            _run_stage(pm, stage, executed, fp, frozen, rdir, manifest, manifest_path, force, progress,
+            print(f"[{i}/{len(selected)}] {chapter.name}: running{why}", flush=True)
+            _run_chapter(pm, chapter, executed, fp, frozen, rdir, manifest, manifest_path, force, progress,
                        notebooks_dir, prev)
-            print(f"    done in {manifest['stages'][stage.name]['seconds']} s", flush=True)
+            print(f"    done in {manifest['stages'][chapter.name]['seconds']} s", flush=True)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -290,11 +294,11 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _run_stage(pm, stage, executed, fp, frozen, rdir, manifest, manifest_path, force, progress, notebooks_dir,
+def _run_chapter(pm, chapter, executed, fp, frozen, rdir, manifest, manifest_path, force, progress, notebooks_dir,
                prev) -> None:
     record = {"status": "running", "fingerprint": fp, "started_at": now(),
               "executed_notebook": executed.relative_to(rdir).as_posix()}
-    manifest["stages"][stage.name] = record
+    manifest["stages"][chapter.name] = record
     _write_manifest(manifest_path, manifest)
     before = snapshot(rdir)
     t0 = time.perf_counter()
@@ -304,20 +308,20 @@ def _run_stage(pm, stage, executed, fp, frozen, rdir, manifest, manifest_path, f
     interrupted = None
     try:
         executed.parent.mkdir(parents=True, exist_ok=True)
-        pm.execute_notebook(str(stage.path), str(partial), kernel_name=_kernel_name(), cwd=str(notebooks_dir),
-                            parameters=_parameters(stage.path, frozen, rdir, force), progress_bar=progress,
+        pm.execute_notebook(str(chapter.path), str(partial), kernel_name=_kernel_name(), cwd=str(notebooks_dir),
+                            parameters=_parameters(chapter.path, frozen, rdir, force), progress_bar=progress,
                             request_save_on_cell_execute=True, language="python",
-                            kernel_manager_class=_kernel_manager_class(executed.parent / f".{stage.name}.kernel.log"))
+                            kernel_manager_class=_kernel_manager_class(executed.parent / f".{chapter.name}.kernel.log"))
         record["status"] = "ok"
     except KeyboardInterrupt:
-        interrupted = RunInterrupted(stage.name)
+        interrupted = RunInterrupted(chapter.name)
         record.update(status="interrupted", error=str(interrupted))
     except Exception as err:  # papermill wraps the kernel's error; keep it for the manifest
         if getattr(err, "ename", "") == "KeyboardInterrupt":  # the kernel got the Ctrl-C first
-            interrupted = RunInterrupted(stage.name)
+            interrupted = RunInterrupted(chapter.name)
             record.update(status="interrupted", error=str(interrupted))
         else:
-            record.update(status="failed", error=_describe_failure(stage, err, executed))
+            record.update(status="failed", error=_describe_failure(chapter, err, executed))
     finally:
         if _notebook_ok(partial):
             os.replace(partial, executed)
@@ -340,7 +344,7 @@ def _run_stage(pm, stage, executed, fp, frozen, rdir, manifest, manifest_path, f
     if interrupted is not None:
         raise interrupted
     if record["status"] == "failed":
-        raise StageFailed(record["error"])
+        raise ChapterFailed(record["error"])
 
 
 def _write_manifest(path: Path, manifest: dict, chapter_error: str | None = None) -> None:
@@ -367,12 +371,12 @@ def _declares(nb_path: Path, name: str) -> bool:
     return False
 
 
-def stage_table(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[dict]:
-    """Each stage with its chapter title (the notebook's first heading)."""
+def chapter_table(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[dict]:
+    """Each chapter with its title (the notebook's first heading)."""
     out = []
-    for s in discover_stages(notebooks_dir):
+    for s in discover_chapters(notebooks_dir):
         cells = json.loads(s.path.read_text())["cells"]
         title = next((line.lstrip("# ").strip() for c in cells if c["cell_type"] == "markdown"
                       for line in "".join(c["source"]).splitlines() if line.startswith("#")), s.name)
-        out.append({"stage": s.name, "chapter": title})
+        out.append({"chapter": s.name, "title": title})
     return out

@@ -11,6 +11,7 @@ import math
 import re
 from pathlib import Path
 
+from .. import layout
 from ..artifacts import write_json
 from ..config import Profile
 
@@ -61,20 +62,20 @@ def model_params(model_id: str, profile: Profile) -> float:
 
 
 def data_counts(run_dir: Path) -> dict:
-    """Prepared set sizes if stage 01 has run in this run dir, else {}."""
+    """Prepared set sizes if chapter 01 has run in this run dir, else {}."""
     out = {}
-    for sub in ("ultrafeedback", "mt_bench"):
-        f = run_dir / "artifacts" / "01_data_preparation" / sub / "provenance.json"
+    for source in ("ultrafeedback", "mt_bench"):
+        f = layout.RunLayout(run_dir).data(source) / "provenance.json"
         if f.exists():
             out.update(json.loads(f.read_text()).get("set_sizes", {}))
     return out
 
 
 def rule_counts(run_dir: Path) -> dict:
-    """K per rule set: extracted sets if stage 02 has run, else the paper's counts."""
+    """K per rule set: extracted sets if chapter 02 has run, else the paper's counts."""
     out = {}
     for name in ("uf", "mt"):
-        f = run_dir / "artifacts" / "02_rule_extraction" / name / "merged_rules.json"
+        f = layout.RunLayout(run_dir).rules(name)
         out[name] = (len(json.loads(f.read_text())), "extracted") if f.exists() else (PAPER_RULES[name], "paper")
     return out
 
@@ -132,7 +133,7 @@ def estimate(profile: Profile, run_dir: Path, jobs: list) -> dict:
     rl_prompts = counts.get("rl_prompts", FILTERED_ROWS)
     policy = model_params(profile.models.policy, profile)
     rows, finish = [], {}
-    parallel = any(j.key.startswith("06_grpo.") for j in jobs)
+    parallel = any(j.key.startswith(layout.GRPO + ".") for j in jobs)
     for job in jobs:
         row = {"job": job.key, "nodes": job.nodes, "gpus_per_node": job.gpus, "gpu_hours": 0.0, "wall_hours": 0.0,
                "allocated_gpu_hours": 0.0,
@@ -140,20 +141,20 @@ def estimate(profile: Profile, run_dir: Path, jobs: list) -> dict:
         train_gpus = max(1, job.train_procs or 1)
         verifier_gpus = sum(s.gpus for s in job.services if s.name.startswith("verifier")) or train_gpus
         policy_gpus = sum(s.gpus for s in job.services if s.name == "policy-vllm") or train_gpus
-        if job.stage == "02_rule_extraction":
+        if job.chapter == layout.RULES:
             e = profile.extraction
             mt = MT_QUESTIONS[profile.data.mt_split] * e.mt_num_examples_per_question
             row["llm_calls"] = 2 * (e.uf_num_examples + mt) + 2  # explain + extract per example, one merge per set
             row["notes"] = f"{e.llm} {e.model}; calls, not GPU time, dominate"
-        elif job.stage in ("04_sft", "05_reward_model"):
-            sft = job.stage == "04_sft"
+        elif job.chapter in (layout.SFT, layout.RM):
+            sft = job.chapter == layout.SFT
             c = profile.sft if sft else profile.reward_model
             n = counts.get("sft_train" if sft else "rm_train", FILTERED_ROWS)
             examples = c.max_steps * c.global_batch_size if c.max_steps > 0 else n * c.num_train_epochs
             tokens = examples * (MEAN_PROMPT_TOKENS + MEAN_RESPONSE_TOKENS) * (1 if sft else 2)
             s = _train_s(policy, tokens)
             row.update(gpu_hours=s / 3600, wall_hours=s / 3600 / train_gpus, notes=f"{examples:,.0f} examples")
-        elif job.stage == "06_grpo" and ("." in job.key or not parallel):  # parallel: the runs have own jobs
+        elif job.chapter == layout.GRPO and ("." in job.key or not parallel):  # parallel: the runs have own jobs
             names = [job.key.split(".", 1)[1]] if "." in job.key else profile.grpo_run_names() + ["ppo"]
             runs = [_rl_run(profile, None if n == "ppo" else n, rl_prompts, rules) for n in names]
             ph = {k: sum(r["phases"][k] for r in runs) for k in ("generate", "update", "verify")}
@@ -164,21 +165,21 @@ def estimate(profile: Profile, run_dir: Path, jobs: list) -> dict:
             row["notes"] = "; ".join(f"{n}: {r['rollouts']} rollouts x {r['responses'] // max(1, r['rollouts'])} "
                                      f"responses" + (f" x {r['rules']} rules" if r["rules"] else "")
                                      for n, r in zip(names, runs))
-        elif job.stage == "03_rule_agreement":
+        elif job.chapter == layout.AGREEMENT:
             uf, mt = profile.data.uf_test_size * 2 * rules["uf"][0], counts.get("mt_heldout")
             row["verifier_calls"] = uf + (mt * 2 * rules["mt"][0] if mt is not None else 0)
             s = _verify_s(profile, row["verifier_calls"], MEAN_RESPONSE_TOKENS)
             row.update(gpu_hours=s / 3600, wall_hours=s / 3600 / verifier_gpus,
                        notes="UF test pairs" + (" + held-out MT-Bench pairs" if mt is not None
-                                                else "; MT-Bench pairs not counted until stage 01 has run"))
-        elif job.stage == "07_evaluation":
+                                                else "; MT-Bench pairs not counted until chapter 01 has run"))
+        elif job.chapter == layout.EVALUATION:
             ev = profile.evaluation
             policies = len(profile.grpo_run_names()) + 2  # + PPO and the SFT reference
             prompts = ev.uf_num_prompts + (ALPACA_EVAL_PROMPTS if ev.alpaca_eval == "run" else 0) + 2 * 40
             s = _decode_s(policy, policies * prompts * min(ev.generation_max_new_tokens, 2 * MEAN_RESPONSE_TOKENS))
             row.update(gpu_hours=s / 3600, wall_hours=s / 3600, llm_calls=policies * (2 * ev.uf_num_prompts + 80),
                        notes=f"{policies} policies; judge calls by {ev.judge_llm} {ev.judge_model}")
-        elif job.stage == "08_reward_hacking":
+        elif job.chapter == layout.HACKING:
             ev = profile.evaluation
             two = [n for n in profile.grpo_run_names() if profile.grpo_variant(n).num_episodes > 1]
             ckpts = sum(math.ceil(_rl_run(profile, n, rl_prompts, rules)["rollouts"]

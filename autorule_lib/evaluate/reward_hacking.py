@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from ..artifacts import require
-from .methods import GRPO_STAGE, RM_STAGE, SFT_STAGE
+from ..layout import RM, Run, RunLayout
 from ..train.resume import checkpoints, tokenizer_folder
 from ..text_format import verifier_conversation
 
@@ -32,15 +32,14 @@ PROBE_PADDING = " Let me know if you have any other questions, I am always happy
 # ---------------------------------------------------------------- the two training rewards
 
 class RMScores:
-    """The training RM reward (``rewards.RMReward``): stage 5's RM, z-normalised with its frozen mu/sigma."""
+    """The training RM reward (``rewards.RMReward``): chapter 5's RM, z-normalised with its frozen mu/sigma."""
 
-    def __init__(self, ctx, device: str):
+    def __init__(self, run: Run, device: str):
         from ..train.rewards import load_rm_normalizer
 
-        folder = ctx.artifacts(RM_STAGE)
-        self.path = require(folder / "model", RM_STAGE)
-        self.mean, self.std = load_rm_normalizer(require(folder / "rm_normalization.json", RM_STAGE))
-        self.pad_token, self.device = ctx.profile.reward_model.pad_token, device
+        self.path = require(run.layout.rm_model, RM)
+        self.mean, self.std = load_rm_normalizer(require(run.layout.rm_normalization, RM))
+        self.pad_token, self.device = run.profile.reward_model.pad_token, device
         self.reward = None  # loaded on first use, released before the next model (autorule_lib.engines)
 
     def release(self) -> None:
@@ -60,20 +59,20 @@ class RMScores:
 
 
 class RuleScores:
-    """The training rule reward: the profile's verifier under a stage-2 rule set, with the rewards module's
+    """The training rule reward: the profile's verifier under a chapter-2 rule set, with the rewards module's
     formula (``rule_reward_from_verdicts``), plus the satisfied fraction and the unscored checks."""
 
-    def __init__(self, ctx, rule_set: str):
+    def __init__(self, run: Run, rule_set: str):
         from ..train.rewards import load_rules
         from ..verify.verifier import build_verifier
 
-        self.profile, self.rule_set = ctx.profile, rule_set
-        self.rules = load_rules(ctx.run_dir, rule_set)
-        self._build = lambda: build_verifier(ctx.profile, ctx.models_dir, ctx.run_dir / "cache" / "verdicts.sqlite")
+        self.profile, self.rule_set = run.profile, rule_set
+        self.rules = load_rules(run.layout, rule_set)
+        self._build = lambda: build_verifier(run.profile, run.layout.models, run.layout.verdict_cache)
         self._verifier = None
         self._stats = Counter()  # counters of released verifiers
         self.settings = self.verifier.describe()
-        if ctx.profile.verifier.backend in ("transformers", "vllm"):  # a model in this process: one at a time
+        if run.profile.verifier.backend in ("transformers", "vllm"):  # a model in this process: one at a time
             self.release()
 
     @property
@@ -106,14 +105,15 @@ class RuleScores:
 
         conversations = [verifier_conversation(p, r) for p, r in zip(prompts, responses)]
         out = []
-        for row in self.verifier.judge(conversations, self.rules):
+        for row in self.verifier.verify(conversations, self.rules):
             out.append({"fraction": rule_fraction(row, 0.0),  # over whatever was scored, for display
                         "reward": rule_reward_from_verdicts(row, self.profile.reward),  # None when unscored
                         "unscored": sum(v.value is None for v in row)})
         return out
 
 
-def _mean(values) -> float | None:
+def mean_of_scored(values) -> float | None:
+    """The mean of the values that have a score (None: unscored), or None when none has."""
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
 
@@ -124,13 +124,13 @@ def two_episode_runs(profile) -> list[str]:
     return [v for v in profile.grpo_variants if profile.grpo_variant(v).num_episodes >= 2]
 
 
-def study_checkpoints(ctx, variant: str, every: int = 1) -> list[tuple[int, Path]]:
+def study_checkpoints(layout: RunLayout, variant: str, every: int = 1) -> list[tuple[int, Path]]:
     """(step, folder): the SFT start as step 0, then every n-th saved checkpoint, always the final one."""
-    found = checkpoints(ctx.artifacts(GRPO_STAGE) / variant)
+    found = checkpoints(layout.grpo_dir(variant))
     if not found:
         return []
     kept = [c for i, c in enumerate(found[:-1]) if (i + 1) % every == 0] + [found[-1]]
-    return [(0, ctx.artifacts(SFT_STAGE) / "model")] + kept
+    return [(0, layout.sft_model)] + kept
 
 
 def training_reward(kind: str, rm: float | None, rule: float | None, reward_cfg) -> float | None:
@@ -152,9 +152,9 @@ def measure_checkpoint(ev, rm: RMScores, rules: RuleScores, variant: str, step: 
     rule_scores = rules(prompts, texts)
     wr = ev.uf_win_rate(variant, path, rows, texts, references, out_name=f"hacking_{variant}_step{step}")
     kind = ev.profile.grpo_variant(variant).reward
-    rm_mean, rule_mean = _mean(rm_scores), _mean(s["reward"] for s in rule_scores)
+    rm_mean, rule_mean = mean_of_scored(rm_scores), mean_of_scored(s["reward"] for s in rule_scores)
     return {"run": variant, "step": step, "checkpoint": str(path), "rm_reward": rm_mean, "rule_reward": rule_mean,
-            "rule_fraction": _mean(s["fraction"] for s in rule_scores),
+            "rule_fraction": mean_of_scored(s["fraction"] for s in rule_scores),
             "rule_unscored": sum(s["unscored"] for s in rule_scores),
             "training_reward": training_reward(kind, rm_mean, rule_mean, ev.profile.reward),
             "uf_win_rate": wr.win_rate, "ci_low": wr.ci_low, "ci_high": wr.ci_high, "n_complete": wr.n_complete,

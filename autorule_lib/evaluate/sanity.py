@@ -23,26 +23,22 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from ..layout import EVALUATION, HACKING, RESULTS, Run, RunLayout
 from .results import metric_row
-
-HELDOUT_STAGE = "09_results"
-RESPONSES_STAGE = "07_evaluation"
-HACKING_STAGE = "08_reward_hacking"
+from .reward_hacking import mean_of_scored
 
 
 # ---------------------------------------------------------------- held-out measurements
 
-def load_responses(ctx, methods: list[str]) -> dict[str, list[dict]]:
+def load_responses(run: Run, methods: list[str]) -> dict[str, list[dict]]:
     """Chapter 7's responses per method (``responses/<method>.jsonl``); missing methods are left out."""
-    folder = ctx.artifacts(RESPONSES_STAGE) / "responses"
     out = {}
     for m in methods:
-        path = folder / f"{m}.jsonl"
+        path = run.layout.responses(m)
         if path.exists():
             out[m] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return out
@@ -62,7 +58,7 @@ def measure_heldout(ctx, responses: dict[str, list[dict]], rm, rule_scorers: dic
         ckpt = checkpoints.get(method)
         rows.append(metric_row(ctx, method, "mean_tokens", np.mean([r["n_tokens"] for r in rs]), checkpoint=ckpt,
                                n=len(rs), unit="tokens", note="completion tokens, chapter 7 responses"))
-        rows.append(metric_row(ctx, method, "rm_score", _mean(rm(prompts, texts)), checkpoint=ckpt, n=len(rs),
+        rows.append(metric_row(ctx, method, "rm_score", mean_of_scored(rm(prompts, texts)), checkpoint=ckpt, n=len(rs),
                                note="RM reward (z-normalised with the frozen mu/sigma)"))
         for name, scorer in rule_scorers.items():
             scored = scorer(prompts, texts)
@@ -77,11 +73,6 @@ def measure_heldout(ctx, responses: dict[str, list[dict]], rm, rule_scorers: dic
             rows.append(metric_row(ctx, method, "identical_to_sft", float(np.mean(same)), checkpoint=ckpt, n=len(rs),
                                    note="share of prompts answered exactly as the SFT model did"))
     return rows
-
-
-def _mean(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
 
 
 # ---------------------------------------------------------------- the checks
@@ -110,7 +101,7 @@ class EpisodesDiffer:
 
     def evaluate(self, rows: list[dict], episodes: dict | None = None, **_) -> dict:
         check = f"{self.run}: the reward-hacking probes differ between episode 1 and 2"
-        mine = [r for r in rows if r["stage"] == HACKING_STAGE and r["method"] == self.run and r["step"]]
+        mine = [r for r in rows if r["stage"] == HACKING and r["method"] == self.run and r["step"]]
         steps = sorted({r["step"] for r in mine})
         n_ep = (episodes or {}).get(self.run, 2)
         last = steps[-1] if steps else None
@@ -168,11 +159,11 @@ def sanity_table(rows: list[dict], checks: list, episodes: dict | None = None) -
     return table.set_index("check")
 
 
-def load_rows(run_dir: str | Path, stages=(RESPONSES_STAGE, HACKING_STAGE, HELDOUT_STAGE)) -> list[dict]:
-    """Every metric row the given stages of a run wrote (a stage without a metrics file adds none)."""
+def load_rows(layout: RunLayout, chapters=(EVALUATION, HACKING, RESULTS)) -> list[dict]:
+    """Every metric row the given chapters of a run wrote (a chapter without a metrics file adds none)."""
     rows = []
-    for stage in stages:
-        path = Path(run_dir) / "artifacts" / stage / "metrics.json"
+    for chapter in chapters:
+        path = layout.metrics(chapter)
         if path.exists():
             rows += json.loads(path.read_text())
     return rows

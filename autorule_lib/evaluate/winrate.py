@@ -180,7 +180,7 @@ class WinRate:
         return asdict(self)
 
 
-def summarize(records: list[dict], n_pairs: int, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> WinRate:
+def summarize_win_rate(records: list[dict], n_pairs: int, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> WinRate:
     scores = [s for s in pair_scores(records, n_pairs) if s is not None]
     lo, hi = bootstrap_ci(scores, level, n_boot, seed)
 
@@ -201,4 +201,4 @@ def uf_win_rate(prompts: list[str], candidates: list[str], references: list[str]
     """Win rate of ``candidates`` against ``references`` on the same prompts, and every judgment."""
     pairs = [{"prompt": p, "candidate": c, "reference": r} for p, c, r in zip(prompts, candidates, references)]
     records = judge_pairs(pairs, judge, max_chars)
-    return summarize(records, len(pairs), level, n_boot, seed), records
+    return summarize_win_rate(records, len(pairs), level, n_boot, seed), records

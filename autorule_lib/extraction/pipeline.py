@@ -35,7 +35,7 @@ from ..llm.clients import make_client
 from .parsing import parse_rule_list
 from .sampling import Example, build_examples
 from .templates import (
-    STAGES,
+    STEPS,
     PromptTemplate,
     explain_messages,
     extract_messages,
@@ -57,7 +57,7 @@ def unique_rules(records: list[dict]) -> list[str]:
 # ---------------------------------------------------------------- calls and accounting
 
 @dataclass
-class StageStats:
+class StepStats:
     items: int = 0
     succeeded: int = 0
     failed: Counter = field(default_factory=Counter)  # reason -> count
@@ -86,21 +86,21 @@ class Caller:
 
     def __init__(self, client: LLMClient, cache: ResponseCache, templates: dict[str, PromptTemplate]):
         self.client, self.cache, self.templates = client, cache, templates
-        self.stats = {s: StageStats() for s in STAGES}
+        self.stats = {s: StepStats() for s in STEPS}
         self._lock = threading.Lock()
 
-    def call(self, stage: str, messages: list[dict], sample_index: int = 0):
+    def call(self, step: str, messages: list[dict], sample_index: int = 0):
         """(response, None) or (None, "call_failed:<reason>", detail)."""
-        extra = {"template": f"{stage}@{self.templates[stage].version}"}
+        extra = {"template": f"{step}@{self.templates[step].version}"}
         try:
             resp, cached = cached_complete(self.client, self.cache, messages, sample_index=sample_index, extra=extra)
         except LLMCallError as e:
             with self._lock:
-                self.stats[stage].retries += e.retries
-                self.stats[stage].calls_made += 1
+                self.stats[step].retries += e.retries
+                self.stats[step].calls_made += 1
             return None, f"call_failed:{e.reason}", str(e)
         with self._lock:
-            st = self.stats[stage]
+            st = self.stats[step]
             st.cache_hits += cached
             st.calls_made += not cached
             st.retries += 0 if cached else resp.retries
@@ -110,9 +110,9 @@ class Caller:
                 st.latencies.append(resp.latency_s)
         return resp, None, ""
 
-    def outcome(self, stage: str, reason: str | None, repaired: bool = False) -> None:
+    def outcome(self, step: str, reason: str | None, repaired: bool = False) -> None:
         with self._lock:
-            st = self.stats[stage]
+            st = self.stats[step]
             st.items += 1
             if reason:
                 st.failed[reason] += 1
@@ -129,9 +129,9 @@ def process_example(ex: Example, caller: Caller, extract_from: str, sample_index
            "source": ex.source, "conversations": {"conversation_a": ex.conversation_a,
                                                   "conversation_b": ex.conversation_b}}
 
-    def fail(stage, reason, detail=""):
-        caller.outcome(stage, reason)
-        rec.update(failed_stage=stage, failure_reason=reason, failure_detail=detail)
+    def fail(step, reason, detail=""):
+        caller.outcome(step, reason)
+        rec.update(failed_stage=step, failure_reason=reason, failure_detail=detail)
         return rec
 
     resp, reason, detail = caller.call("explain", explain_messages(ex, caller.templates), sample_index)
@@ -213,7 +213,7 @@ def run_extraction(examples: list[Example], client: LLMClient, output_dir: str |
                    dataset: str, cfg: ExtractionConfig | None = None, cache: ResponseCache | None = None,
                    templates: dict[str, PromptTemplate] | None = None, sample_info: dict | None = None,
                    progress: bool = True) -> ExtractionResult:
-    """The three stages over ``examples``; writes every output file, raises ExtractionError without a rule set."""
+    """The three steps over ``examples``; writes every output file, raises ExtractionError without a rule set."""
     import os
 
     from tqdm import tqdm
@@ -270,7 +270,7 @@ def run_extraction(examples: list[Example], client: LLMClient, output_dir: str |
     report = {
         "dataset": dataset, "status": "ok" if merged else "failed", "error": merge_error,
         "examples": len(records), "examples_ok": sum(r["status"] == "ok" for r in records),
-        "stages": {s: caller.stats[s].row(prices) for s in STAGES},
+        "stages": {s: caller.stats[s].row(prices) for s in STEPS},
         "failures": [{k: r[k] for k in ("example_id", "failed_stage", "failure_reason", "failure_detail")}
                      for r in records if r["status"] != "ok"],
         "merge": {"candidate_rules": len(candidates), "unique_rules": len(uniq),
@@ -308,7 +308,7 @@ def extract_rules(profile: Profile, dataset: str, rows: list[dict], output_dir: 
                   cfg: ExtractionConfig | None = None, client: LLMClient | None = None,
                   cache_path: str | Path | None = None, source: str = "", split: str = "",
                   train_questions_only: bool = False, progress: bool = True) -> ExtractionResult:
-    """Sample ``rows``, run the three stages and write the outputs to ``output_dir``."""
+    """Sample ``rows``, run the three steps and write the outputs to ``output_dir``."""
     cfg = cfg or profile.extraction
     examples, info = build_examples(profile, dataset, rows, cfg=cfg, split=split,
                                     train_questions_only=train_questions_only)
@@ -336,9 +336,9 @@ def extract_rules_from_source(profile: Profile, dataset: str, source: str, outpu
                          train_questions_only=dataset == "mt", **kwargs)
 
 
-def stage_table(report: dict) -> list[dict]:
-    """Per-stage token/cost/latency rows of a report (for a DataFrame)."""
-    return [{"stage": s, **{k: v for k, v in row.items() if k != "failed_by_reason"}}
+def step_table(report: dict) -> list[dict]:
+    """Per-step token/cost/latency rows of a report (for a DataFrame); the report file keeps them under "stages"."""
+    return [{"step": s, **{k: v for k, v in row.items() if k != "failed_by_reason"}}
             for s, row in report["stages"].items()]
 
 

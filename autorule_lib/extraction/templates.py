@@ -11,7 +11,7 @@ from pathlib import Path
 from .sampling import Example, serialize_conversation
 from ..config import PROMPTS_DIR
 
-STAGES = ("explain", "extract", "merge")
+STEPS = ("explain", "extract", "merge")
 PLACEHOLDERS = {"explain": {"conversation_a", "conversation_b", "winner"},
                 "extract": {"source_text", "winner_letter"}, "merge": {"rules"}}
 PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
@@ -32,7 +32,7 @@ class PromptTemplate:
 
     @property
     def prefix(self) -> str:
-        """The fixed text before the first placeholder: tells which stage a prompt belongs to."""
+        """The fixed text before the first placeholder: tells which step a prompt belongs to."""
         return self.body[: PLACEHOLDER.search(self.body).start()]
 
     def render(self, **fields: str) -> str:
@@ -42,7 +42,7 @@ class PromptTemplate:
 def load_templates(prompts_dir: str | Path | None = None) -> dict[str, PromptTemplate]:
     """``explain.txt``, ``extract.txt``, ``merge.txt``: a ``version:`` header, ``---``, then the text."""
     out = {}
-    for name in STAGES:
+    for name in STEPS:
         path = Path(prompts_dir or PROMPTS_DIR) / f"{name}.txt"
         header, sep, body = path.read_text(encoding="utf-8").partition("\n---\n")
         version = next((line.split(":", 1)[1].strip() for line in header.splitlines()
@@ -61,8 +61,8 @@ def template_versions(templates: dict[str, PromptTemplate]) -> dict[str, dict]:
     return {t.name: {"version": t.version, "sha256": t.sha256} for t in templates.values()}
 
 
-def stage_of(messages: list[dict], templates: dict[str, PromptTemplate]) -> str | None:
-    """Which stage rendered this prompt (used by loopback test servers and the replay recorder)."""
+def step_of(messages: list[dict], templates: dict[str, PromptTemplate]) -> str | None:
+    """Which step rendered this prompt (used by loopback test servers and the replay recorder)."""
     text = messages[-1]["content"]
     return next((name for name, t in templates.items() if text.startswith(t.prefix)), None)
 

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 from ..artifacts import read_json
 from ..config import GRPOStageConfig, Profile, RewardConfig
+from ..layout import RM, RULES, RunLayout
 from ..text_format import ASSISTANT, USER, policy_text, verifier_conversation
 from ..verify.verdict import NO_VERDICT, Verdict, reason_kind
 from ..verify.verifier import RuleVerifier
@@ -112,7 +113,7 @@ class RuleReward:
     def __call__(self, prompts, completions, log_metric=None, **kwargs) -> list[float | None]:
         convs = [verifier_conversation(_prompt_text(p), _completion_text(c), self.eos)
                  for p, c in zip(prompts, completions)]
-        verdicts = self.verifier.judge(convs, self.rules)
+        verdicts = self.verifier.verify(convs, self.rules)
         rewards = [rule_reward_from_verdicts(v, self.cfg) for v in verdicts]
         self.last_batch = _batch_key(prompts, completions)
         self.last_unscored = {i for i, r in enumerate(rewards) if r is None}
@@ -206,10 +207,7 @@ class LengthPenalty:
 
 # ---------------------------------------------------------------- the builder the GRPO stage calls
 
-RULES_STAGE, RM_STAGE = "02_rule_extraction", "05_reward_model"
-
-
-def build_reward_funcs(profile: Profile, variant: GRPOStageConfig, run_dir: str | Path | None = None, *,
+def build_reward_funcs(profile: Profile, variant: GRPOStageConfig, layout: RunLayout | None = None, *,
                        rm_scorer: Scorer | None = None, rm_normalizer: tuple[float, float] | None = None,
                        tokenizer=None, rules: Sequence[str] | None = None,
                        verifier: RuleVerifier | None = None) -> tuple[list, list[float]]:
@@ -219,26 +217,26 @@ def build_reward_funcs(profile: Profile, variant: GRPOStageConfig, run_dir: str 
     * ``rm``: [rm_reward];
     * ``rm_length_penalty``: [rm_reward, length_penalty], weights (rm_weight, 1).
 
-    Parts not given are loaded from ``run_dir``'s artifacts: the rule set of stage 02
-    (``<rule_set>/merged_rules.json``), the RM and its frozen μ/σ of stage 05, the policy tokenizer and
+    Parts not given are loaded from the run's artifacts (``layout``): the rule set of chapter 02
+    (``<rule_set>/merged_rules.json``), the RM and its frozen μ/σ of chapter 05, the policy tokenizer and
     the profile's verifier (verdict cache ``cache/verdicts.sqlite``).
     """
     cfg = profile.reward
-    if run_dir is not None:
-        rm_scorer, rm_normalizer, tokenizer = _from_run(profile, Path(run_dir), rm_scorer, rm_normalizer, tokenizer)
+    if layout is not None:
+        rm_scorer, rm_normalizer, tokenizer = _from_run(profile, layout, rm_scorer, rm_normalizer, tokenizer)
     if rm_scorer is None or rm_normalizer is None or tokenizer is None:
-        raise ValueError("build_reward_funcs needs rm_scorer, rm_normalizer and tokenizer, or a run_dir to load them")
+        raise ValueError("build_reward_funcs needs rm_scorer, rm_normalizer and tokenizer, or a run layout to load "
+                         "them")
     mean, std = rm_normalizer
     eos = tokenizer.eos_token
     rule_info = None
     if variant.reward == "autorule":
-        if rules is None and (run_dir is not None or variant.rule_set_file):
-            rules, rule_info = rules_for_variant(profile, variant, run_dir)
-        if run_dir is not None and verifier is None:
+        if rules is None and (layout is not None or variant.rule_set_file):
+            rules, rule_info = rules_for_variant(profile, variant, layout)
+        if layout is not None and verifier is None:
             from ..verify.verifier import build_verifier
 
-            run_dir = Path(run_dir)
-            verifier = build_verifier(profile, run_dir / "models", run_dir / "cache" / "verdicts.sqlite")
+            verifier = build_verifier(profile, layout.models, layout.verdict_cache)
         if verifier is None or not rules:
             raise ValueError("the autorule reward needs a verifier and a non-empty rule set")
         rule = RuleReward(verifier, rules, cfg, eos)
@@ -271,21 +269,21 @@ def read_rule_file(path: Path) -> list[str]:
     return rules
 
 
-def rules_for_variant(profile: Profile, variant: GRPOStageConfig, run_dir: str | Path | None) -> tuple[list[str], dict]:
-    """(rules, provenance) of one GRPO run: its ``rule_set_file`` if given, else stage 02's ``rule_set``."""
+def rules_for_variant(profile: Profile, variant: GRPOStageConfig, layout: RunLayout | None) -> tuple[list[str], dict]:
+    """(rules, provenance) of one GRPO run: its ``rule_set_file`` if given, else chapter 02's ``rule_set``."""
     from ..profiles import resolve_local_path
 
     if variant.rule_set_file:
         path = resolve_local_path(profile, variant.rule_set_file)
         rules = read_rule_file(path)
         return rules, {**rule_set_info(rules, f"file:{variant.rule_set_file}"), "file_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-    if run_dir is None:
-        raise ValueError("the autorule reward needs a run_dir (stage 02's rule set) or grpo.rule_set_file")
-    rules = load_rules(Path(run_dir), variant.rule_set)
+    if layout is None:
+        raise ValueError("the autorule reward needs a run (chapter 02's rule set) or grpo.rule_set_file")
+    rules = load_rules(layout, variant.rule_set)
     return rules, rule_set_info(rules, f"stage 02 '{variant.rule_set}' (merged_rules.json)")
 
 
-def rule_set_table(profile: Profile, run_dir: str | Path | None = None) -> list[dict]:
+def rule_set_table(profile: Profile, layout: RunLayout | None = None) -> list[dict]:
     """Per named GRPO run: its reward and which rule set it uses (chapter 06 shows this)."""
     rows = []
     for name in profile.grpo_run_names():
@@ -293,7 +291,7 @@ def rule_set_table(profile: Profile, run_dir: str | Path | None = None) -> list[
         row = {"run": name, "reward": v.reward, "rule set": "—", "rules": None, "sha256": None}
         if v.reward == "autorule":
             try:
-                _, info = rules_for_variant(profile, v, run_dir)
+                _, info = rules_for_variant(profile, v, layout)
                 row.update({"rule set": info["source"], "rules": info["n_rules"], "sha256": info["sha256"][:16]})
             except (OSError, ValueError) as e:
                 row["rule set"] = f"not available: {e}"
@@ -301,33 +299,32 @@ def rule_set_table(profile: Profile, run_dir: str | Path | None = None) -> list[
     return rows
 
 
-def load_rules(run_dir: Path, rule_set: str | None) -> list[str]:
-    """A merged rule set of stage 02: a bare JSON array of strings."""
+def load_rules(layout: RunLayout, rule_set: str | None) -> list[str]:
+    """A merged rule set of chapter 02: a bare JSON array of strings."""
     from ..artifacts import require
 
     if rule_set is None:
         raise ValueError("the autorule reward needs grpo.rule_set ('uf' or 'mt')")
-    path = require(run_dir / "artifacts" / RULES_STAGE / rule_set / "merged_rules.json", RULES_STAGE)
+    path = require(layout.rules(rule_set), RULES)
     rules = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(rules, list) or not all(isinstance(r, str) for r in rules):
         raise ValueError(f"{path}: expected a JSON array of rule strings")
     return rules
 
 
-def _from_run(profile: Profile, run_dir: Path, rm_scorer, rm_normalizer, tokenizer):
+def _from_run(profile: Profile, layout: RunLayout, rm_scorer, rm_normalizer, tokenizer):
     from ..artifacts import require
 
-    rm_dir = run_dir / "artifacts" / RM_STAGE
     if rm_normalizer is None:
-        rm_normalizer = load_rm_normalizer(require(rm_dir / "rm_normalization.json", RM_STAGE))
+        rm_normalizer = load_rm_normalizer(require(layout.rm_normalization, RM))
     if rm_scorer is None:
         from .reward_model import (
             RewardModelScorer,  # the RM stage's own scorer: same text format and padding
         )
 
-        rm_scorer = RewardModelScorer(require(rm_dir / "model", RM_STAGE), profile.reward_model.pad_token).score_texts
+        rm_scorer = RewardModelScorer(require(layout.rm_model, RM), profile.reward_model.pad_token).score_texts
     if tokenizer is None:
         from .. import models
 
-        tokenizer = models.load_tokenizer(models.resolve(profile, "tokenizer", run_dir / "models"))
+        tokenizer = models.load_tokenizer(models.resolve(profile, "tokenizer", layout.models))
     return rm_scorer, rm_normalizer, tokenizer

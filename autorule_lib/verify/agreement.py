@@ -66,10 +66,10 @@ class PairVerdicts:
     rejected: list[list[Verdict]]
 
 
-def judge_pairs(verifier: RuleVerifier, pairs: Sequence[Pair], rules: Sequence[str]) -> PairVerdicts:
+def verify_pairs(verifier: RuleVerifier, pairs: Sequence[Pair], rules: Sequence[str]) -> PairVerdicts:
     """Both sides of every pair under every rule, in one verifier call (shared responses are judged once)."""
     convs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    verdicts = verifier.judge(convs, list(rules))
+    verdicts = verifier.verify(convs, list(rules))
     return PairVerdicts(list(rules), list(pairs), verdicts[:len(pairs)], verdicts[len(pairs):])
 
 

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from ..config import Profile, VerifierConfig
 from .verdict import NO_VERDICT, Verdict, parse_verdict, unscored
-from .prompt import AnswerTokens, JudgeTemplate, PieceMemo, answer_tokens, judge_prompt_ids
+from .prompt import AnswerTokens, VerifierTemplate, PieceMemo, answer_tokens, verifier_prompt_ids
 
 
 def _chunks(seq: Sequence, n: int):
@@ -46,7 +46,7 @@ def verdict_from_probs(p_yes_tok: float, p_no_tok: float, p_prefix: float, min_m
 
 def _zero_truncated(verdicts: list, zero: list[bool]) -> list[Verdict]:
     """Fast mode: a no-verdict check whose prompt was truncated is a 0 whatever ``unparseable_as_no`` says
-    (see ``verifier.judge_prompt_ids``); backend failures stay unscored."""
+    (see ``verifier.verifier_prompt_ids``); backend failures stay unscored."""
     for j, v in enumerate(verdicts):
         if zero[j] and v.value is None and (v.reason or "").startswith("low_answer_mass"):
             verdicts[j] = Verdict(0, reason=f"{NO_VERDICT} ({v.reason}, truncated prompt, counted as 0)",
@@ -63,7 +63,7 @@ def _stop_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-class TransformersJudge:
+class TransformersBackend:
     """A local causal LM as the judge, in both modes."""
 
     name = "transformers"
@@ -85,8 +85,8 @@ class TransformersJudge:
 
     # ------------------------------------------------------------ paper parity: greedy generation
 
-    def generate(self, template: JudgeTemplate, items, cfg: VerifierConfig) -> list[Verdict]:
-        ids, zero = judge_prompt_ids(self.tok, template, items, cfg, self.pieces)
+    def generate(self, template: VerifierTemplate, items, cfg: VerifierConfig) -> list[Verdict]:
+        ids, zero = verifier_prompt_ids(self.tok, template, items, cfg, self.pieces)
         order = sorted(range(len(ids)), key=lambda j: len(ids[j]))  # similar lengths together: less padding
         out: list[Verdict | None] = [None] * len(ids)
         for chunk in _chunks(order, cfg.batch_size):
@@ -123,10 +123,10 @@ class TransformersJudge:
 
     # ------------------------------------------------------------ fast: next-token probabilities
 
-    def score(self, template: JudgeTemplate, items, cfg: VerifierConfig, reuse_prefix: bool = True) -> list[Verdict]:
+    def score(self, template: VerifierTemplate, items, cfg: VerifierConfig, reuse_prefix: bool = True) -> list[Verdict]:
         """One forward pass per batch of items. With ``reuse_prefix``, the items of one conversation share
         the longest common token prefix of their prompts, encoded once and attended to by every rule."""
-        ids, zero = judge_prompt_ids(self.tok, template, items, cfg, self.pieces)
+        ids, zero = verifier_prompt_ids(self.tok, template, items, cfg, self.pieces)
         ids = [x + list(self.answer.prefix) for x in ids]
         out: list[Verdict | None] = [None] * len(ids)
         groups: dict[str, list[int]] = {}
@@ -221,7 +221,7 @@ class TransformersJudge:
         return self._readout(logits, cfg)
 
 
-class VLLMJudge:
+class VLLMBackend:
     """vLLM with automatic prefix caching; requests sorted so prompts sharing a prefix run back to back.
 
     Optional: importing this backend needs ``vllm`` (the ``gpu`` extra). Not exercised on CPU machines.
@@ -269,20 +269,20 @@ class VLLMJudge:
             out[j] = r
         return out
 
-    def generate(self, template: JudgeTemplate, items, cfg: VerifierConfig) -> list[Verdict]:
+    def generate(self, template: VerifierTemplate, items, cfg: VerifierConfig) -> list[Verdict]:
         from vllm import SamplingParams
 
-        ids, zero = judge_prompt_ids(self.tok, template, items, cfg, self.pieces)
+        ids, zero = verifier_prompt_ids(self.tok, template, items, cfg, self.pieces)
         try:
             results = self._run(ids, SamplingParams(temperature=0.0, max_tokens=cfg.max_new_tokens))
         except (RuntimeError, ValueError) as e:
             return [unscored(f"backend_error: {type(e).__name__}: {e}") for _ in items]
         return [parse_verdict(r.outputs[0].text, z) for r, z in zip(results, zero)]
 
-    def score(self, template: JudgeTemplate, items, cfg: VerifierConfig, reuse_prefix: bool = True) -> list[Verdict]:
+    def score(self, template: VerifierTemplate, items, cfg: VerifierConfig, reuse_prefix: bool = True) -> list[Verdict]:
         from vllm import SamplingParams
 
-        ids, zero = judge_prompt_ids(self.tok, template, items, cfg, self.pieces)
+        ids, zero = verifier_prompt_ids(self.tok, template, items, cfg, self.pieces)
         ids = [x + list(self.answer.prefix) for x in ids]
         try:  # one generated token with its top log-probabilities; P(prefix) is not measured here (taken as 1)
             results = self._run(ids, SamplingParams(temperature=0.0, max_tokens=1, logprobs=20))
@@ -297,7 +297,7 @@ class VLLMJudge:
         return _zero_truncated(verdicts, zero)
 
 
-class APIJudge:
+class APIBackend:
     """A chat API as the judge (parity mode only): the server applies its own chat template."""
 
     name = "api"
@@ -306,7 +306,7 @@ class APIJudge:
     def __init__(self, client, num_workers: int = 8):
         self.client, self.num_workers = client, num_workers
 
-    def generate(self, template: JudgeTemplate, items, cfg: VerifierConfig) -> list[Verdict]:
+    def generate(self, template: VerifierTemplate, items, cfg: VerifierConfig) -> list[Verdict]:
         from ..llm.base import LLMCallError
 
         if cfg.truncate_prompt_tokens:

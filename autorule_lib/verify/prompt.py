@@ -22,7 +22,7 @@ PLACEHOLDERS = ("rule", "conversation", "concise_clause")
 # ---------------------------------------------------------------- the judge prompt
 
 @dataclass(frozen=True)
-class JudgeTemplate:
+class VerifierTemplate:
     """The judge's user message with ``{rule}``, ``{conversation}`` and ``{concise_clause}`` slots."""
 
     layout: str
@@ -43,7 +43,7 @@ class JudgeTemplate:
         return re.sub(r"\{(rule|conversation|concise_clause)\}", lambda m: values[m.group(1)], self.body)
 
 
-def load_template(layout: str, concise_clause: bool = True, path: str | Path | None = None) -> JudgeTemplate:
+def load_template(layout: str, concise_clause: bool = True, path: str | Path | None = None) -> VerifierTemplate:
     """Read a template file: leading ``#`` lines are comments (``# version: x`` names it), the rest is the body.
 
     Body lines marked ``?concise `` belong to the conciseness criterion and are kept only with it on;
@@ -61,7 +61,7 @@ def load_template(layout: str, concise_clause: bool = True, path: str | Path | N
     missing = [p for p in PLACEHOLDERS if "{" + p + "}" not in body]
     if missing or not version:
         raise ValueError(f"{path}: judge template needs a '# version:' line and the slots {missing or PLACEHOLDERS}")
-    return JudgeTemplate(layout, body, version, concise_clause)
+    return VerifierTemplate(layout, body, version, concise_clause)
 
 
 def messages_conversation(messages: Sequence[dict], eos_token: str | None = None) -> str:
@@ -77,7 +77,7 @@ def messages_conversation(messages: Sequence[dict], eos_token: str | None = None
 
 # ---------------------------------------------------------------- prompts as token ids (local backends)
 
-def render_prompt(tokenizer, template: JudgeTemplate, conversation: str, rule: str) -> str:
+def render_prompt(tokenizer, template: VerifierTemplate, conversation: str, rule: str) -> str:
     """The judge prompt as the verifier model sees it: its own chat template, ready for the answer."""
     messages = [{"role": "user", "content": template.user_message(rule, conversation)}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -102,7 +102,7 @@ class PieceMemo:
             self.checked.clear()
 
 
-def prompt_token_ids(tokenizer, template: JudgeTemplate, items: Sequence[tuple[str, str]],
+def prompt_token_ids(tokenizer, template: VerifierTemplate, items: Sequence[tuple[str, str]],
                      truncate: int | None = None, memo: PieceMemo | None = None) -> list[list[int]]:
     """Token ids of each judge prompt; the chat template brings its own BOS, so none is added here.
 
@@ -172,7 +172,7 @@ def prompt_token_ids(tokenizer, template: JudgeTemplate, items: Sequence[tuple[s
     return [x[:truncate] for x in ids] if truncate else ids
 
 
-def judge_prompt_ids(tokenizer, template: JudgeTemplate, items: Sequence[tuple[str, str]], cfg: VerifierConfig,
+def verifier_prompt_ids(tokenizer, template: VerifierTemplate, items: Sequence[tuple[str, str]], cfg: VerifierConfig,
                      memo: PieceMemo | None = None) -> tuple[list[list[int]], list[bool]]:
     """Each item's prompt ids, truncated as ``cfg`` asks, and whether an answer with no verdict is a 0.
 

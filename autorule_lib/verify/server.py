@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from ..config import VerifierConfig
-from .prompt import AnswerTokens, JudgeTemplate, PieceMemo, answer_tokens, prompt_token_ids
+from .prompt import AnswerTokens, VerifierTemplate, PieceMemo, answer_tokens, prompt_token_ids
 from .verdict import Verdict, parse_verdict, unscored
 from .backends import verdict_from_probs
 
@@ -72,7 +72,7 @@ def top_token_logprobs(choice: dict) -> dict[int, float] | None:
     return out or None
 
 
-class VLLMServerJudge:
+class VLLMServerBackend:
     """Parity (greedy generation) and fast (answer-token probabilities) through a vLLM server."""
 
     name = "vllm_server"
@@ -120,12 +120,12 @@ class VLLMServerJudge:
             list(pool.map(one, self._batches(ids, cfg.batch_size)))
         return out  # type: ignore[return-value]
 
-    def generate(self, template: JudgeTemplate, items: Sequence[tuple[str, str]], cfg: VerifierConfig) -> list[Verdict]:
+    def generate(self, template: VerifierTemplate, items: Sequence[tuple[str, str]], cfg: VerifierConfig) -> list[Verdict]:
         ids = prompt_token_ids(self.tok, template, items, cfg.truncate_prompt_tokens, self.pieces)
         return self._run(ids, cfg, lambda c: parse_verdict(c.get("text"), cfg.unparseable_as_no),
                          max_tokens=cfg.max_new_tokens)
 
-    def score(self, template: JudgeTemplate, items: Sequence[tuple[str, str]], cfg: VerifierConfig,
+    def score(self, template: VerifierTemplate, items: Sequence[tuple[str, str]], cfg: VerifierConfig,
               reuse_prefix: bool = True) -> list[Verdict]:
         ids = [x + list(self.answer.prefix)
                for x in prompt_token_ids(self.tok, template, items, cfg.truncate_prompt_tokens, self.pieces)]
@@ -143,10 +143,10 @@ class VLLMServerJudge:
                          return_tokens_as_token_ids=True)
 
 
-def build_server_judge(profile, cfg: VerifierConfig, tokenizer_path: str) -> VLLMServerJudge:
+def build_server_backend(profile, cfg: VerifierConfig, tokenizer_path: str) -> VLLMServerBackend:
     """The judge for ``verifier.backend: vllm_server``: the tokenizer is loaded here (a few MB), the model
     is the server's; the served model name is ``models.verifier`` (what ``autorule slurm`` serves it as)."""
     from transformers import AutoTokenizer
 
-    return VLLMServerJudge(cfg.api_base_url, profile.models.verifier, AutoTokenizer.from_pretrained(tokenizer_path),
+    return VLLMServerBackend(cfg.api_base_url, profile.models.verifier, AutoTokenizer.from_pretrained(tokenizer_path),
                            num_workers=cfg.num_workers, timeout_s=float(profile.extraction.read_timeout_s))

@@ -28,20 +28,20 @@ from typing import Any, Sequence
 
 from .. import models
 from ..config import Profile, VerifierConfig
-from .prompt import JudgeTemplate, load_template
+from .prompt import VerifierTemplate, load_template
 from .verdict import Verdict, reason_kind, unscored
 
 # ---------------------------------------------------------------- the verifier
 
 
 class RuleVerifier:
-    """Judges conversations under rules through one backend, with a persistent verdict cache and counters.
+    """Checks conversations against rules through one backend, with a persistent verdict cache and counters.
 
     ``stats`` counts every check: ``checks``, ``cache_hits``, ``model_checks`` (sent to the backend),
     ``yes``, ``no``, ``unscored`` and ``unscored:<kind>`` per reason.
     """
 
-    def __init__(self, backend, template: JudgeTemplate, cfg: VerifierConfig, verifier_id: str,
+    def __init__(self, backend, template: VerifierTemplate, cfg: VerifierConfig, verifier_id: str,
                  mode: str | None = None, cache=None):
         self.backend, self.template, self.cfg, self.verifier_id = backend, template, cfg, verifier_id
         self.mode = mode or cfg.mode
@@ -74,13 +74,13 @@ class RuleVerifier:
                 "template": self.template.version, "truncate": self.cfg.truncate_prompt_tokens,
                 "decode": decode, "rule": rule, "text": conversation}
 
-    def judge(self, conversations: Sequence[str], rules: Sequence[str]) -> list[list[Verdict]]:
+    def verify(self, conversations: Sequence[str], rules: Sequence[str]) -> list[list[Verdict]]:
         """``verdicts[i][k]``: conversation i under rule k."""
-        flat = self.judge_items([(c, r) for c in conversations for r in rules])
+        flat = self.verify_items([(c, r) for c in conversations for r in rules])
         k = len(rules)
         return [flat[i * k:(i + 1) * k] for i in range(len(conversations))]
 
-    def judge_items(self, items: Sequence[tuple[str, str]]) -> list[Verdict]:
+    def verify_items(self, items: Sequence[tuple[str, str]]) -> list[Verdict]:
         """One verdict per (conversation, rule) item, from the cache where possible."""
         out: list[Verdict | None] = [None] * len(items)
         todo: dict[tuple[str, str], list[int]] = {}
@@ -150,20 +150,20 @@ def build_verifier(profile: Profile, models_dir: str | Path, cache_path: str | P
     cache = ResponseCache(cache_path) if cache_path and cfg.use_cache else None
     if cfg.backend in ("openai", "bedrock"):
         client = client or vb.make_api_client(profile, cfg)
-        backend = vb.APIJudge(client, cfg.num_workers)
+        backend = vb.APIBackend(client, cfg.num_workers)
         return RuleVerifier(backend, template, cfg, f"{cfg.backend}:{profile.models.verifier}", cfg.mode, cache)
     path = models.resolve(profile, "verifier", models_dir)
     if cfg.backend == "vllm_server":  # one server for every rank (autorule_lib.verify.server)
-        from .server import build_server_judge
+        from .server import build_server_backend
 
-        backend = build_server_judge(profile, cfg, path)
+        backend = build_server_backend(profile, cfg, path)
         return RuleVerifier(backend, template, cfg, f"vllm_server:{models.model_id(path)}", cfg.mode, cache)
     if cfg.backend == "vllm":
         from ..engines import check_verifier_engine_layout, vllm_kwargs
 
         check_verifier_engine_layout(cfg.backend)
         try:
-            backend = vb.VLLMJudge(path, dtype="bfloat16" if profile.precision == "bf16" else "float32",
+            backend = vb.VLLMBackend(path, dtype="bfloat16" if profile.precision == "bf16" else "float32",
                                    **vllm_kwargs(cfg.gpu_memory_utilization))
         except ImportError as e:
             warnings.warn(f"verifier backend 'vllm' is not available ({e}); using transformers instead")
@@ -172,4 +172,4 @@ def build_verifier(profile: Profile, models_dir: str | Path, cache_path: str | P
             return RuleVerifier(backend, template, cfg, models.model_id(path), cfg.mode, cache)
     if model is None or tokenizer is None:
         model, tokenizer = load_local_judge(path, profile)
-    return RuleVerifier(vb.TransformersJudge(model, tokenizer), template, cfg, models.model_id(path), cfg.mode, cache)
+    return RuleVerifier(vb.TransformersBackend(model, tokenizer), template, cfg, models.model_id(path), cfg.mode, cache)
