@@ -261,7 +261,7 @@ def test_trained_tiny_judge_follows_its_criterion_on_the_response(judge, layout)
     convs = [f"<|user|>{q}<|assistant|>{r}" for q in prompts for r in responses]
     rules = ["The assistant's responses should be polite.",
              "The assistant's responses should give code that runs, with a short usage example and its output."]
-    verdicts = judge.variant(layout=layout).judge(convs, rules)
+    verdicts = judge.variant(layout=layout).verify(convs, rules)
     right = sum((v.value == 1) == follows_criterion(c) for c, row in zip(convs, verdicts) for v in row)
     assert right >= 0.9 * len(convs) * len(rules), f"{right} of {len(convs) * len(rules)} verdicts follow the criterion"
 
