@@ -3,6 +3,7 @@ import textwrap
 import pytest
 
 from autorule_lib.config import ConfigError, PROJECT_ROOT
+from autorule_lib.book.tables import method_choices
 from autorule_lib.profiles import load_profile
 
 
@@ -86,7 +87,7 @@ def test_method_choices_table_lists_every_fidelity_switch():
     """Chapter 00's table: every switch of issue 13, this run's value next to the original's."""
     from autorule_lib.profiles import load_profile
 
-    rows = {r["setting"]: r for r in load_profile("paper").method_choices()}
+    rows = {r["setting"]: r for r in method_choices(load_profile("paper"))}
     for setting in ("verifier criteria (concise_clause)", "verifier answer with no verdict (unparseable_as_no)",
                     "UF extraction sample pool", "extraction prompts", "AutoRule rule sets (rule_set / rule_set_file)",
                     "RM on a truncated completion", "PPO reward (ppo.normalize_reward)", "PPO updates per rollout",
