@@ -32,6 +32,20 @@ RESULTS = "09_results"
 CHAPTERS = (OVERVIEW, DATA, RULES, AGREEMENT, SFT, RM, GRPO, EVALUATION, HACKING, RESULTS)
 METRIC_CHAPTERS = (EVALUATION, HACKING)  # the chapters whose metrics.json feeds the results table
 
+
+def chapter_names(only: list[str] | None = None, names=CHAPTERS) -> list[str]:
+    """The chapters ``only`` selects, in book order; an item may be a number ('02'), a full name, or a name
+    without its number. The runner and the SLURM planner select with this one rule."""
+    if not only:
+        return list(names)
+    chosen = []
+    for item in only:
+        match = [n for n in names if item in (n[:2], n, n[3:])]
+        if not match:
+            raise ValueError(f"--only {item!r}: no such chapter (have {list(names)})")
+        chosen.extend(m for m in match if m not in chosen)
+    return sorted(chosen)
+
 # the data chapter's two sources: profile/CLI name -> its folder under the data chapter
 DATA_SOURCES = {"ultrafeedback": "ultrafeedback", "uf": "ultrafeedback", "mt_bench": "mt_bench", "mt": "mt_bench"}
 

@@ -90,7 +90,7 @@ def resolve(profile: Profile, role: str, models_dir: str | Path) -> str:
         found = "does not list it" if path is None else f"lists {path}, which is gone"
         raise ModelNotBuilt(
             f"model role {role!r}: {ROLES[role]} is {value!r}, a locally built model, but {where} {found}; "
-            f"build it first (opening a chapter does, or autorule_lib.smoke.models.build_models)")
+            f"build it first (opening a chapter does, or autorule_lib.smoke.build.build_models)")
     return str(path)
 
 
@@ -147,7 +147,8 @@ def pick_engine(engine: str, device: str) -> str:
 # ---------------------------------------------------------------- loading
 
 def load_tokenizer(path: str | Path, *, padding_side: str | None = None, pad_with_eos: bool = False):
-    """A tokenizer; ``pad_with_eos`` gives one without a pad token EOS as its pad (generation only)."""
+    """A tokenizer; ``pad_with_eos`` gives one without a pad token EOS as its pad (the paper's convention
+    in training and generation: pad = eos)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path))

@@ -180,7 +180,7 @@ def prepared_run(ctx: Context):
     from autorule_lib.artifacts import provenance, write_json
     from autorule_lib.data.preparation import prepare_data
     from autorule_lib.layout import RunLayout
-    from autorule_lib.smoke.models import build_models
+    from autorule_lib.smoke.build import build_models
     from verifier_throughput import RULES
 
     profile = ctx.profile()

@@ -54,7 +54,7 @@ def models_dir(request, tmp_path_factory):
     resolves model roles through; built once and reused across sessions (the build stamps cover the
     recipe, tokenizer and prompts)."""
     from autorule_lib.profiles import load_profile
-    from autorule_lib.smoke.models import build_models
+    from autorule_lib.smoke.build import build_models
 
     cache = getattr(request.config, "cache", None)
     path = cache.mkdir("autorule-tiny-models") if cache else tmp_path_factory.mktemp("models")

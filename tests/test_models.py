@@ -64,7 +64,7 @@ def test_a_missing_local_build_is_a_clear_error_naming_the_role(tmp_path):
 
 
 def test_the_builder_refuses_a_build_name_it_cannot_build(tmp_path):
-    from autorule_lib.smoke.models import build_models
+    from autorule_lib.smoke.build import build_models
 
     assert build_models(load_profile("paper"), tmp_path) == {}  # nothing local: nothing built, no registry
     assert not (tmp_path / models.REGISTRY_FILE).exists()

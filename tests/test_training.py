@@ -7,7 +7,7 @@ import pytest
 from autorule_lib.config import ConfigError, TinyModelConfig
 from autorule_lib.profiles import load_profile
 from autorule_lib.smoke.models import build_tiny_llama, build_tiny_tokenizer
-from autorule_lib.train.common import load_tokenizer
+from autorule_lib.models import load_tokenizer
 from autorule_lib.train.grpo import grpo_args
 from autorule_lib.train.ppo import ppo_batch_args, train_ppo
 from autorule_lib.train.reward_model import RewardModelScorer, load_rm_tokenizer, normalize_score_head, rm_normalization, train_reward_model
@@ -40,7 +40,7 @@ def rows_with_content(rows):
 
 
 def test_sft_example_has_no_bos_and_masks_the_prompt(tiny):
-    tok = load_tokenizer(tiny)
+    tok = load_tokenizer(tiny, pad_with_eos=True)
     ex = sft_example("Hi?", "Hello.", tok, 512)
     assert ex["input_ids"][0] != tok.bos_token_id and ex["input_ids"][-1] == tok.eos_token_id
     n_prompt = len(tok("<|user|>Hi?<|assistant|>", add_special_tokens=False)["input_ids"])

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..config import Profile
 from ..layout import Run, RunLayout
 from ..profiles import load_profile, run_dir as default_run_dir
-from ..smoke.models import build_models
+from ..smoke.build import build_models
 
 
 @dataclass

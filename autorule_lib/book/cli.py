@@ -20,7 +20,7 @@ DEFAULT_PROFILE = "smoke"
 
 def _cmd_prepare_data(args) -> int:
     from ..data.preparation import prepare_data
-    from ..smoke.models import build_models
+    from ..smoke.build import build_models
 
     profile = load_profile(args.profile)
     models_dir = RunLayout(run_dir(profile)).models

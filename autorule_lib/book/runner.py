@@ -26,7 +26,7 @@ import yaml
 
 from ..artifacts import CorruptFileError, git_commit, now, package_versions, read_json, write_json
 from ..config import PROJECT_ROOT, Profile
-from ..layout import RunLayout
+from ..layout import RunLayout, chapter_names
 from ..profiles import dump_profile, run_dir as default_run_dir
 from ..redaction import scrub_tree
 from .run_identity import FileHashes, local_data_digest, snapshot, written_since
@@ -57,16 +57,9 @@ def discover_chapters(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[Chapter]:
 
 
 def select_chapters(chapters: list[Chapter], only: list[str] | None) -> list[Chapter]:
-    """``only`` items may be a number ('02'), a full name, or a name without its number."""
-    if not only:
-        return chapters
-    chosen = []
-    for item in only:
-        match = [s for s in chapters if item in (s.number, s.name, s.name[3:])]
-        if not match:
-            raise ValueError(f"--only {item!r}: no such chapter (have {[s.name for s in chapters]})")
-        chosen.extend(m for m in match if m not in chosen)
-    return sorted(chosen, key=lambda s: s.name)
+    """The chapters ``only`` selects (``layout.chapter_names``'s rule), in book order."""
+    names = chapter_names(only, [c.name for c in chapters])
+    return [c for c in sorted(chapters, key=lambda c: c.name) if c.name in names]
 
 
 def _code_hash(nb_path: Path) -> str:

@@ -336,12 +336,11 @@ def write_jobs(profile: Profile, opts: Options, run_dir: str | Path | None = Non
                chapters: list[str] | None = None) -> dict:
     """Freeze the profile, write one script per job, submit.sh and the estimates; returns what was written."""
     from .estimates import estimate, write_estimates
-    from ..book.runner import discover_chapters, select_chapters
 
     rdir = default_run_dir(profile, run_dir)
     sdir = Path(scripts_dir).expanduser().resolve() if scripts_dir else layout.RunLayout(rdir).slurm
     if chapters is None:
-        chapters = [s.name for s in select_chapters(discover_chapters(), opts.only)]
+        chapters = layout.chapter_names(opts.only)
     jobs = plan(profile, opts, rdir, chapters)
     rdir.mkdir(parents=True, exist_ok=True)
     frozen = dump_profile(profile, layout.RunLayout(rdir).profile_file)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..artifacts import files_stamp
-from ..config import ConfigError, Profile, TinyModelConfig
+from ..config import Profile, TinyModelConfig
 from ..text_format import ASSISTANT, USER
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
@@ -120,29 +120,3 @@ def ensure_tiny_models(profile: Profile, models_dir: str | Path) -> dict[str, Pa
     return paths
 
 
-def build_models(profile: Profile, models_dir: str | Path) -> dict[str, Path]:
-    """Build (once) every model the profile names by its local-build name and record it in the run's model
-    registry, where the method code finds it (``autorule_lib.models.resolve``). Only entry points call this:
-    the chapter prologue, the CLI, test fixtures and benchmarks. Returns the registry ({} when nothing is built).
-
-    'verifier' is the trained tiny judge (``smoke.verifier``); 'judge' (evaluation.judge_model) the untrained
-    tiny Llama built for the verifier role: a judge of rankings and ratings gains nothing from the trained one.
-    """
-    import torch
-
-    from .. import models
-    from .verifier import ensure_tiny_verifier
-
-    build = profile.models.build
-    roles = [r for r in models.ROLES if models.builds_locally(profile, r)]
-    if not roles:
-        return {}
-    if build != "tiny":
-        raise ConfigError(f"models.build: the smoke builder builds 'tiny' models, not {build!r}")
-    # the builders seed torch; the caller's random stream (a notebook's, a test's) stays as it was
-    with torch.random.fork_rng(devices=[]):
-        tiny = ensure_tiny_models(profile, models_dir)
-        paths = {"tokenizer": tiny["tokenizer"], "policy": tiny["policy"], "judge": tiny["verifier"]}
-        if "verifier" in roles:
-            paths["verifier"] = ensure_tiny_verifier(profile, models_dir)
-    return models.record_models(models_dir, {r: paths[r] for r in roles}, builder=f"autorule_lib.smoke ({build})")

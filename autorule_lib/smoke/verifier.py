@@ -38,6 +38,7 @@ from ..config import Profile
 from ..text_format import ASSISTANT
 from ..verify.prompt import load_template, messages_conversation, render_prompt
 from ..verify.verdict import NO, YES
+from .models import build_tiny_llama, ensure_tiny_models
 
 BUILD_VERSION = "tiny-verifier-v2"
 END_OF_TURN = "<|eot_id|>"
@@ -169,7 +170,6 @@ def _train(profile: Profile, tokenizer_dir: str | Path, out_dir: str | Path, spe
     import torch
     from transformers import AutoTokenizer
 
-    from .models import build_tiny_llama
 
     spec = spec or TinyVerifierSpec()
     out_dir = Path(out_dir)
@@ -240,7 +240,6 @@ def _stamp(profile: Profile, spec: TinyVerifierSpec, tokenizer_dir: Path) -> str
 
 def ensure_tiny_verifier(profile: Profile, models_dir: str | Path, spec: TinyVerifierSpec | None = None) -> Path:
     """Build (once per models folder and recipe) the trained tiny verifier; returns its folder."""
-    from .models import ensure_tiny_models
 
     spec = spec or TinyVerifierSpec()
     models_dir = Path(models_dir)

@@ -269,12 +269,3 @@ def start(trainer, out_dir: Path | None, resume: tuple | None = None) -> None:
                 old.unlink()  # re-saved in place: the old marker must not vouch for a half-rewritten folder
         ckpt = None
     trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token  # the paper's convention: pad = eos
-    return tok

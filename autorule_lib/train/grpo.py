@@ -6,13 +6,13 @@ import dataclasses
 from pathlib import Path
 from typing import Callable
 
+from .. import models
 from ..config import ConfigError, Profile
 from ..text_format import policy_prompt
 from .common import (
     accumulation_steps,
     common_args,
     finish,
-    load_tokenizer,
     portable,
     prepare_output,
     seed_everything,
@@ -97,7 +97,7 @@ def train_grpo(profile: Profile, variant_name: str, prompts: list[dict], sft_mod
     seed_everything(profile)
     resume = resume_point(out_dir)
     weights = str(resume[0]) if reached_end(resume[1]) else sft_model
-    tok = load_tokenizer(sft_model)
+    tok = models.load_tokenizer(sft_model, pad_with_eos=True)
     tok.padding_side = "left"
     args = GRPOConfig(**grpo_args(profile, variant, out_dir), reward_weights=reward_weights)
     trainer = _no_bos_grpo_trainer()(model=weights, reward_funcs=reward_funcs, args=args,

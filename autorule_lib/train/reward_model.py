@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import models
 from ..config import ConfigError, Profile
 from ..models import load_sequence_classifier
 from ..text_format import policy_text
-from .common import accumulation_steps, common_args, finish, load_tokenizer, portable, prepare_output, seed_everything, settings_hash, start
+from .common import accumulation_steps, common_args, finish, portable, prepare_output, seed_everything, settings_hash, start
 from .ranks import rank_device
 from .resume import reached_end, resume_point
 
@@ -23,7 +24,7 @@ def rm_pair(row: dict, tokenizer) -> dict:
 
 
 def load_rm_tokenizer(path: str, pad_token: str):
-    tok = load_tokenizer(path)
+    tok = models.load_tokenizer(path, pad_with_eos=True)
     if pad_token not in tok.get_vocab():
         raise ConfigError(f"reward_model.pad_token: {pad_token!r} is not in the vocabulary of {path}")
     tok.pad_token = pad_token

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import models
 from ..config import Profile
 from ..text_format import completion_text, policy_prompt
 from .common import (
     accumulation_steps,
     common_args,
     finish,
-    load_tokenizer,
     portable,
     prepare_output,
     seed_everything,
@@ -43,7 +43,7 @@ def train_sft(profile: Profile, rows: list[dict], eval_rows: list[dict], base_mo
     seed_everything(profile)
     resume = resume_point(out_dir)
     weights = str(resume[0]) if reached_end(resume[1]) else base_model  # at the end: the checkpoint's model
-    tok = load_tokenizer(base_model)
+    tok = models.load_tokenizer(base_model, pad_with_eos=True)
     to_ds = lambda rs: Dataset.from_list([sft_example(r["prompt"], r["chosen_content"], tok, cfg.max_length)  # noqa: E731
                                           for r in rs])
     args = SFTConfig(
