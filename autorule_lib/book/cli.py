@@ -10,6 +10,15 @@ from ..config import ConfigError
 from ..layout import DATA, RunLayout
 from ..profiles import load_profile, run_dir
 from ..data.preparation import SchemaError
+from ..data.preparation import prepare_data
+from ..smoke.build import build_models
+from ..extraction.pipeline import ExtractionError, extract_rules_from_source, step_table, with_overrides
+from ..extraction.sampling import uf_sample_pool
+from .run_lock import RunLocked
+from .runner import ChapterFailed, PrerequisitesMissing, RunDirError, RunInterrupted, run_book
+from .html import build_book
+from ..cluster.estimates import to_markdown
+from ..cluster.slurm import TEMPLATES_DIR, Options, submit, write_jobs
 
 USER_ERRORS = (ConfigError, SchemaError, MissingArtifactError, CorruptFileError, FileNotFoundError, KeyError,
                ValueError)
@@ -19,9 +28,6 @@ DEFAULT_PROFILE = "smoke"
 
 
 def _cmd_prepare_data(args) -> int:
-    from ..data.preparation import prepare_data
-    from ..smoke.build import build_models
-
     profile = load_profile(args.profile)
     models_dir = RunLayout(run_dir(profile)).models
     if args.dataset == "ultrafeedback" and args.tokenizer is None:
@@ -37,9 +43,6 @@ def _cmd_prepare_data(args) -> int:
 
 
 def _cmd_extract_rules(args) -> int:
-    from ..extraction.pipeline import ExtractionError, extract_rules_from_source, step_table, with_overrides
-    from ..extraction.sampling import uf_sample_pool
-
     if args.profile is None and args.llm in SPENDING_LLMS:
         print(f"error: extract-rules --llm {args.llm} spends money or GPU time: name the settings to use with "
               f"--profile (e.g. --profile paper)", file=sys.stderr)
@@ -74,9 +77,6 @@ def _cmd_extract_rules(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from .run_lock import RunLocked
-    from .runner import ChapterFailed, PrerequisitesMissing, RunDirError, RunInterrupted, run_book
-
     profile = load_profile(args.profile)
     only = [x for item in (args.only or []) for x in item.split(",") if x]
     try:
@@ -97,8 +97,6 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_book(args) -> int:
-    from .html import build_book
-
     profile = load_profile(args.profile)
     index = build_book(run_dir(profile, args.output_dir), profile=profile)
     print(f"book built: {index}")
@@ -113,9 +111,6 @@ def _cmd_profile(args) -> int:
 
 
 def _cmd_slurm(args) -> int:
-    from ..cluster.estimates import to_markdown
-    from ..cluster.slurm import TEMPLATES_DIR, Options, submit, write_jobs
-
     profile = load_profile(args.profile)
     opts = Options(partition=args.partition, cpu_partition=args.cpu_partition, account=args.account, nodes=args.nodes,
                    gpus_per_node=args.gpus_per_node, time=args.time, cpu_time=args.cpu_time,

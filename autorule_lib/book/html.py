@@ -25,6 +25,7 @@ from ..config import PROJECT_ROOT
 from ..layout import RunLayout
 from ..redaction import scrub_tree
 from ..artifacts import MissingArtifactError  # kept apart from the imports above: merges
+from .runner import discover_chapters
 
 BOOK_DIR = PROJECT_ROOT / "book"
 METHOD_DOC = "method.md"  # in BOOK_DIR; the chapters (notebooks/) link to it as ../book/method.md
@@ -35,8 +36,6 @@ def build_book(run_dir: str | Path, profile=None) -> Path:
     """Build ``<run_dir>/book/_build/html`` from ``<run_dir>/notebooks``; returns the index page.
 
     ``profile`` (the current one) refuses a run made with other settings."""
-    from .runner import discover_chapters
-
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
     name = profile.name if profile is not None else run_dir.name

@@ -39,6 +39,8 @@ from .. import layout
 from ..config import PROJECT_ROOT, Profile
 from ..profiles import dump_profile, run_dir as default_run_dir
 from ..redaction import secret_values
+from .estimates import estimate, write_estimates
+from ..profiles import load_profile
 
 TEMPLATES_DIR = PROJECT_ROOT / "configs" / "slurm"
 POLICY_VLLM_PORT = 8000      # TRL's default vllm_server_port: the trainer finds the server without being told
@@ -335,8 +337,6 @@ def write_jobs(profile: Profile, opts: Options, run_dir: str | Path | None = Non
                scripts_dir: str | Path | None = None, templates_dir: str | Path = TEMPLATES_DIR,
                chapters: list[str] | None = None) -> dict:
     """Freeze the profile, write one script per job, submit.sh and the estimates; returns what was written."""
-    from .estimates import estimate, write_estimates
-
     rdir = default_run_dir(profile, run_dir)
     sdir = Path(scripts_dir).expanduser().resolve() if scripts_dir else layout.RunLayout(rdir).slurm
     if chapters is None:
@@ -410,8 +410,6 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--profile", required=True)
     a = p.parse_args(argv)
     if a.what == "fetch-models":
-        from ..profiles import load_profile
-
         got = fetch(load_profile(a.profile))
         print(f"fetched {len(got['models'])} models and {len(got['datasets'])} data sets into "
               f"{os.environ.get('HF_HOME', '~/.cache/huggingface')}")

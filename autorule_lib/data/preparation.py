@@ -16,6 +16,8 @@ import numpy as np
 
 from ..config import DataConfig
 from ..profiles import is_local_source
+from ..artifacts import provenance, write_json
+from .. import models
 
 UF_SPLITS = ("train_prefs", "test_prefs", "train_sft", "test_sft")
 UF_COLUMNS = ("prompt", "prompt_id", "chosen", "rejected", "messages", "score_chosen", "score_rejected")
@@ -359,15 +361,11 @@ def prepare_data(profile, dataset: str, source: str, output_dir: str | Path, tok
     """
     import dataclasses
 
-    from ..artifacts import provenance, write_json
-
     cfg = profile.data if skip_bad_rows is None else dataclasses.replace(profile.data, skip_bad_rows=skip_bad_rows)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     extra: dict[str, Any] = {"dataset": dataset, "source": source, "data_config": dataclasses.asdict(cfg)}
     if dataset == "ultrafeedback":
-        from .. import models
-
         tok_id = tokenizer or models.resolve(profile, "tokenizer", models_dir or out.parent / "models")
         prepared = prepare_ultrafeedback(load_source(source, UF_SPLITS), models.load_tokenizer(tok_id), cfg)
         save_sets(prepared.processed, out / "processed")

@@ -17,6 +17,9 @@ from pathlib import Path
 
 from .. import models
 from ..cache import ResponseCache
+from .. import engines
+from ..engines import eval_vllm_kwargs
+from ..artifacts import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -84,8 +87,6 @@ _LOADED: dict[tuple, object] = {}
 
 
 def _loaded(kind: str, path: str, tokenizer: str, device: str, dtype: str, seed: int):
-    from .. import engines
-
     key = (kind, str(Path(path).resolve()), str(tokenizer), device, dtype, models.model_id(path))
     if key not in _LOADED:
         release()  # free the previous model before the next one loads
@@ -98,8 +99,6 @@ def _loaded(kind: str, path: str, tokenizer: str, device: str, dtype: str, seed:
 
 def release() -> None:
     """Drop the model kept in memory (the chapters call this when they are done generating)."""
-    from .. import engines
-
     for kind, model in [(k[0], v[1]) for k, v in _LOADED.items()]:
         if kind == "vllm":  # its engine core is a child process holding the GPU share: stop it now
             engines.shutdown_vllm(model)
@@ -147,8 +146,6 @@ def _load_vllm(path: str, tokenizer: str, dtype: str, seed: int):
     from transformers import AutoTokenizer
     from vllm import LLM
 
-    from ..engines import eval_vllm_kwargs
-
     return (AutoTokenizer.from_pretrained(tokenizer),
             LLM(model=path, tokenizer=tokenizer, dtype="bfloat16" if dtype == "bf16" else "float32", seed=seed,
                 **eval_vllm_kwargs()))
@@ -171,6 +168,4 @@ def _generate_vllm(path: str, prompts: list[str], settings: GenerationSettings, 
 
 def save_responses(path: str | Path, rows: list[dict]) -> Path:
     """JSONL of generated responses (one object per prompt) for the chapters and for re-judging."""
-    from ..artifacts import atomic_write_text
-
     return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -19,6 +19,7 @@ from .. import models
 from ..cache import ResponseCache
 from ..llm.base import LLMCallError, cached_complete
 from ..llm.clients import make_client
+from .. import engines
 
 
 @dataclass
@@ -83,8 +84,6 @@ class LikelihoodJudge:
 
     def _load(self):
         if self._loaded is None:
-            from .. import engines
-
             engines.make_room("judge")
             tok = models.load_tokenizer(self.model_path)
             self._loaded = (tok, models.load_causal_lm(self.model_path, self.device, self.dtype))

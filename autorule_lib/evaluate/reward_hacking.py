@@ -25,6 +25,13 @@ from ..artifacts import require
 from ..layout import RM, Run, RunLayout
 from ..train.resume import checkpoints, tokenizer_folder
 from ..text_format import verifier_conversation
+from ..train.rewards import load_rm_normalizer
+from .. import engines
+from ..train.rewards import RMReward
+from ..train.reward_model import RewardModelScorer
+from ..train.rewards import load_rules
+from ..verify.verifier import build_verifier
+from ..train.rewards import rule_fraction, rule_reward_from_verdicts
 
 PROBE_PADDING = " Let me know if you have any other questions, I am always happy to help."
 
@@ -35,8 +42,6 @@ class RMScores:
     """The training RM reward (``rewards.RMReward``): chapter 5's RM, z-normalised with its frozen mu/sigma."""
 
     def __init__(self, run: Run, device: str):
-        from ..train.rewards import load_rm_normalizer
-
         self.path = require(run.layout.rm_model, RM)
         self.mean, self.std = load_rm_normalizer(require(run.layout.rm_normalization, RM))
         self.pad_token, self.device = run.profile.reward_model.pad_token, device
@@ -47,10 +52,6 @@ class RMScores:
 
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
         if self.reward is None:
-            from .. import engines
-            from ..train.rewards import RMReward
-            from ..train.reward_model import RewardModelScorer
-
             engines.make_room("reward_model")
             scorer = RewardModelScorer(self.path, self.pad_token, device=self.device)
             self.reward = RMReward(scorer.score_texts, self.mean, self.std, scorer.tokenizer.eos_token)
@@ -63,9 +64,6 @@ class RuleScores:
     formula (``rule_reward_from_verdicts``), plus the satisfied fraction and the unscored checks."""
 
     def __init__(self, run: Run, rule_set: str):
-        from ..train.rewards import load_rules
-        from ..verify.verifier import build_verifier
-
         self.profile, self.rule_set = run.profile, rule_set
         self.rules = load_rules(run.layout, rule_set)
         self._build = lambda: build_verifier(run.profile, run.layout.models, run.layout.verdict_cache)
@@ -78,8 +76,6 @@ class RuleScores:
     @property
     def verifier(self):
         if self._verifier is None:
-            from .. import engines
-
             local = self.profile.verifier.backend in ("transformers", "vllm")
             if local:
                 engines.make_room("rule_verifier")
@@ -101,8 +97,6 @@ class RuleScores:
         return dict(self._stats + (self._verifier.stats if self._verifier is not None else Counter()))
 
     def __call__(self, prompts: list[str], responses: list[str]) -> list[dict]:
-        from ..train.rewards import rule_fraction, rule_reward_from_verdicts
-
         conversations = [verifier_conversation(p, r) for p, r in zip(prompts, responses)]
         out = []
         for row in self.verifier.verify(conversations, self.rules):

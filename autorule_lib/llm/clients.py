@@ -35,6 +35,7 @@ from .base import (
     messages_key,
     split_reasoning,
 )
+from .. import engines
 
 # ---------------------------------------------------------------- Amazon Bedrock
 
@@ -183,16 +184,12 @@ class LocalClient(BaseClient):
 
     def release(self) -> None:
         """Drop the model (``engines.make_room`` calls this before another model loads); reloaded when next used."""
-        from .. import engines
-
         loaded, self._loaded = self._loaded, None
         if loaded is not None and loaded[0] == "vllm":
             engines.shutdown_vllm(loaded[1])
 
     def _load(self):
         if self._loaded is None:
-            from .. import engines
-
             engines.make_room(f"local:{self.model}")
             if models.pick_engine(self.engine, self.device) == "vllm":
                 from vllm import LLM

@@ -14,6 +14,7 @@ from typing import Iterable
 from ..artifacts import files_stamp
 from ..config import Profile, TinyModelConfig
 from ..text_format import ASSISTANT, USER
+from ..data.preparation import iter_texts
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 # Llama-3 ships reserved special tokens; the reward model pads with one so that EOS (= the policy's pad)
@@ -76,8 +77,6 @@ def build_tiny_llama(tokenizer, cfg: TinyModelConfig, out_dir: str | Path, seed_
 
 def tiny_corpus(profile: Profile) -> list[str]:
     """Every text of the profile's UltraFeedback and MT-Bench sources (the tokenizer's training data)."""
-    from ..data.preparation import iter_texts
-
     return list(iter_texts(profile.data.ultrafeedback_source)) + list(iter_texts(profile.data.mt_bench_source))
 
 

@@ -39,6 +39,7 @@ from ..text_format import ASSISTANT
 from ..verify.prompt import load_template, messages_conversation, render_prompt
 from ..verify.verdict import NO, YES
 from .models import build_tiny_llama, ensure_tiny_models
+from ..data.preparation import load_source
 
 BUILD_VERSION = "tiny-verifier-v2"
 END_OF_TURN = "<|eot_id|>"
@@ -88,8 +89,6 @@ def follows_criterion(conversation: str) -> bool:
 
 def _chats(profile: Profile) -> list[list[dict]]:
     """Every one- and two-turn chat (ending with a response) in the profile's UltraFeedback and MT-Bench sources."""
-    from ..data.preparation import load_source
-
     chats = []
     for rows in load_source(profile.data.ultrafeedback_source).values():
         for row in rows:

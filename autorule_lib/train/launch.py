@@ -24,6 +24,7 @@ from .grpo import grpo_settings, train_grpo
 from .ppo import train_ppo
 from .reward_model import RewardModelScorer, rm_normalization, train_reward_model
 from .sft import train_sft
+from .rewards import build_reward_funcs, rules_for_variant
 
 STAGES = ("sft", "reward_model", "grpo", "ppo")
 
@@ -104,11 +105,6 @@ def dump_frozen(run: Run) -> Path:
 
 
 def grpo_stage(run: Run, variant: str, force: bool = False) -> Path:
-    from .rewards import (  # the rule verifier is only needed here
-        build_reward_funcs,
-        rules_for_variant,
-    )
-
     profile = run.profile
     sets = uf_sets(run)
     out = run.layout.grpo_dir(variant)

@@ -79,8 +79,6 @@ def resume_point(out_dir: Path) -> tuple[Path | None, dict | None]:
     """(last complete checkpoint, its trainer state). Incomplete ones after it are moved aside to
     ``incomplete-checkpoint-N`` (nothing deleted; the Trainer would otherwise overwrite into them), each said
     in one line. Every rank calls this; the main one decides and moves, the others wait and read its choice."""
-    from .resume import CHECKPOINT
-
     state = dist_state()
     chosen = None
     if out_dir.exists():

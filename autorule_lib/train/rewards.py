@@ -30,6 +30,11 @@ from ..layout import RM, RULES, RunLayout
 from ..text_format import ASSISTANT, USER, policy_text, verifier_conversation
 from ..verify.verdict import NO_VERDICT, Verdict, reason_kind
 from ..verify.verifier import RuleVerifier
+from ..verify.verifier import build_verifier
+from ..profiles import resolve_local_path
+from ..artifacts import require
+from .reward_model import RewardModelScorer
+from .. import models
 
 Scorer = Callable[[list[str]], Sequence[float]]  # full policy texts -> raw RM scores
 
@@ -234,8 +239,6 @@ def build_reward_funcs(profile: Profile, variant: GRPOStageConfig, layout: RunLa
         if rules is None and (layout is not None or variant.rule_set_file):
             rules, rule_info = rules_for_variant(profile, variant, layout)
         if layout is not None and verifier is None:
-            from ..verify.verifier import build_verifier
-
             verifier = build_verifier(profile, layout.models, layout.verdict_cache)
         if verifier is None or not rules:
             raise ValueError("the autorule reward needs a verifier and a non-empty rule set")
@@ -271,8 +274,6 @@ def read_rule_file(path: Path) -> list[str]:
 
 def rules_for_variant(profile: Profile, variant: GRPOStageConfig, layout: RunLayout | None) -> tuple[list[str], dict]:
     """(rules, provenance) of one GRPO run: its ``rule_set_file`` if given, else chapter 02's ``rule_set``."""
-    from ..profiles import resolve_local_path
-
     if variant.rule_set_file:
         path = resolve_local_path(profile, variant.rule_set_file)
         rules = read_rule_file(path)
@@ -301,8 +302,6 @@ def rule_set_table(profile: Profile, layout: RunLayout | None = None) -> list[di
 
 def load_rules(layout: RunLayout, rule_set: str | None) -> list[str]:
     """A merged rule set of chapter 02: a bare JSON array of strings."""
-    from ..artifacts import require
-
     if rule_set is None:
         raise ValueError("the autorule reward needs grpo.rule_set ('uf' or 'mt')")
     path = require(layout.rules(rule_set), RULES)
@@ -313,18 +312,10 @@ def load_rules(layout: RunLayout, rule_set: str | None) -> list[str]:
 
 
 def _from_run(profile: Profile, layout: RunLayout, rm_scorer, rm_normalizer, tokenizer):
-    from ..artifacts import require
-
     if rm_normalizer is None:
         rm_normalizer = load_rm_normalizer(require(layout.rm_normalization, RM))
     if rm_scorer is None:
-        from .reward_model import (
-            RewardModelScorer,  # the RM stage's own scorer: same text format and padding
-        )
-
         rm_scorer = RewardModelScorer(require(layout.rm_model, RM), profile.reward_model.pad_token).score_texts
     if tokenizer is None:
-        from .. import models
-
         tokenizer = models.load_tokenizer(models.resolve(profile, "tokenizer", layout.models))
     return rm_scorer, rm_normalizer, tokenizer

@@ -16,6 +16,9 @@ from typing import Sequence
 from ..config import Profile, VerifierConfig
 from .verdict import NO_VERDICT, Verdict, parse_verdict, unscored
 from .prompt import AnswerTokens, VerifierTemplate, PieceMemo, answer_tokens, verifier_prompt_ids
+from ..llm.clients import make_client
+from .. import engines
+from ..llm.base import LLMCallError
 
 
 def _chunks(seq: Sequence, n: int):
@@ -245,16 +248,12 @@ class VLLMBackend:
         if self._llm is None:
             from vllm import LLM
 
-            from .. import engines
-
             engines.make_room("verifier")
             self._llm = LLM(model=self.model_path, dtype=self.dtype, enable_prefix_caching=True, **self.engine_kwargs)
             engines.register("verifier", self.release)
         return self._llm
 
     def release(self) -> None:
-        from .. import engines
-
         engine, self._llm = self._llm, None
         if engine is not None:
             engines.shutdown_vllm(engine)
@@ -307,8 +306,6 @@ class APIBackend:
         self.client, self.num_workers = client, num_workers
 
     def generate(self, template: VerifierTemplate, items, cfg: VerifierConfig) -> list[Verdict]:
-        from ..llm.base import LLMCallError
-
         if cfg.truncate_prompt_tokens:
             warnings.warn("truncate_prompt_tokens is not applied by API judges (their tokenizer is remote)")
 
@@ -329,8 +326,6 @@ class APIBackend:
 
 def make_api_client(profile: Profile, cfg: VerifierConfig):
     """An ``llm`` client for the judge: greedy, ``max_new_tokens`` per answer, the profile's retry policy."""
-    from ..llm.clients import make_client
-
     settings = types.SimpleNamespace(
         llm=cfg.backend, model=profile.models.verifier, region=cfg.api_region, base_url=cfg.api_base_url,
         temperature=0.0, max_tokens=cfg.max_new_tokens, max_retries=profile.extraction.max_retries,

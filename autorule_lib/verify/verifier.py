@@ -30,6 +30,10 @@ from .. import models
 from ..config import Profile, VerifierConfig
 from .prompt import VerifierTemplate, load_template
 from .verdict import Verdict, reason_kind, unscored
+from ..cache import ResponseCache
+from . import backends as vb
+from .server import build_server_backend
+from ..engines import check_verifier_engine_layout, vllm_kwargs
 
 # ---------------------------------------------------------------- the verifier
 
@@ -142,9 +146,6 @@ def build_verifier(profile: Profile, models_dir: str | Path, cache_path: str | P
     ``client`` (an ``llm.LLMClient``) serves the API backends; ``model``/``tokenizer`` reuse a loaded
     judge. vLLM is optional: when it is not importable the transformers backend is used, with a warning.
     """
-    from ..cache import ResponseCache
-    from . import backends as vb
-
     cfg = dataclasses.replace(profile.verifier, **overrides)
     template = load_template(cfg.layout, cfg.concise_clause)
     cache = ResponseCache(cache_path) if cache_path and cfg.use_cache else None
@@ -154,13 +155,9 @@ def build_verifier(profile: Profile, models_dir: str | Path, cache_path: str | P
         return RuleVerifier(backend, template, cfg, f"{cfg.backend}:{profile.models.verifier}", cfg.mode, cache)
     path = models.resolve(profile, "verifier", models_dir)
     if cfg.backend == "vllm_server":  # one server for every rank (autorule_lib.verify.server)
-        from .server import build_server_backend
-
         backend = build_server_backend(profile, cfg, path)
         return RuleVerifier(backend, template, cfg, f"vllm_server:{models.model_id(path)}", cfg.mode, cache)
     if cfg.backend == "vllm":
-        from ..engines import check_verifier_engine_layout, vllm_kwargs
-
         check_verifier_engine_layout(cfg.backend)
         try:
             backend = vb.VLLMBackend(path, dtype="bfloat16" if profile.precision == "bf16" else "float32",
