@@ -1,11 +1,22 @@
 """The papermill runner: ordering, skipping unchanged stages, failure reporting, secret scrubbing."""
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
+from pathlib import Path
 
 from autorule_lib.profiles import load_profile
+from autorule_lib.artifacts import CorruptFileError, WriteError, write_json
+from autorule_lib.book.html import build_book, publishable
+from autorule_lib.book.run_lock import LOCK_NAME, RunLock, RunLocked
+from autorule_lib.book.runner import PrerequisitesMissing, RunDirError, _declares, _notebook_ok, NOTEBOOKS_DIR
 from autorule_lib.book.runner import ChapterFailed, run_book, select_chapters, discover_chapters
 
 
@@ -73,18 +84,6 @@ def test_select_chapters(nbdir):
 
 # ---------------------------------------------------------------- issue 16: isolated, locked, honest runs
 
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
-
-from autorule_lib.artifacts import CorruptFileError, WriteError, write_json
-from autorule_lib.book.html import build_book, publishable
-from autorule_lib.book.run_lock import LOCK_NAME, RunLock, RunLocked
-from autorule_lib.book.runner import PrerequisitesMissing, RunDirError, _declares, _notebook_ok, NOTEBOOKS_DIR
 
 
 def _profile(tmp_path, text, name="mine.yaml"):

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from autorule_lib.cluster import slurm
-from autorule_lib.train import launch as training_stages
+from autorule_lib.train import launch
 from autorule_lib.book.cli import build_parser, main as cli_main
 from autorule_lib.config import PROJECT_ROOT
 from autorule_lib.layout import Run
@@ -181,7 +181,7 @@ def test_every_command_exists_in_our_cli_and_trl(tmp_path):
             seen.add("fetch-models")
         else:
             assert argv[1:3] == ["-m", "autorule_lib.train.launch"]
-            a = training_stages.build_parser().parse_args(argv[3:])
+            a = launch.build_parser().parse_args(argv[3:])
             assert a.launch and a.stage in ("grpo", "ppo")
         for line in re.findall(r"^start_service (.*)$", text, re.M):
             cmd = shlex.split(line)[4:]
@@ -357,26 +357,26 @@ def test_estimates_count_verifier_calls_from_the_profile_and_the_run(tmp_path):
 
 def test_accelerate_command_one_node_unchanged_and_multi_node(tmp_path):
     profile = load_profile("paper")
-    one = training_stages.accelerate_command("sft", Run.at(profile, tmp_path), environ={})
+    one = launch.accelerate_command("sft", Run.at(profile, tmp_path), environ={})
     assert one == [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "8", "--config_file",
                    profile.accelerate_config, "-m", "autorule_lib.train.launch", "sft", "--profile",
                    str(tmp_path / "profile.yaml"), "--run-dir", str(tmp_path)]
     env = {"AUTORULE_NUM_PROCESSES": "16", "AUTORULE_NUM_MACHINES": "2", "AUTORULE_MAIN_PROCESS_IP": "node01",
            "AUTORULE_MAIN_PROCESS_PORT": "29642", "AUTORULE_NODE_LAUNCHER": "srun --nodes=2 --ntasks-per-node=1"}
-    multi = training_stages.accelerate_command("grpo", Run.at(profile, tmp_path), variant="autorule_uf", environ=env)
+    multi = launch.accelerate_command("grpo", Run.at(profile, tmp_path), variant="autorule_uf", environ=env)
     assert multi[:4] == ["srun", "--nodes=2", "--ntasks-per-node=1", sys.executable]
     assert multi[4:8] == ["-m", "autorule_lib.cluster.slurm", "node-rank", "--"]
-    launch = multi[8:]
+    accelerate_args = multi[8:]
     for flag, value in [("--num_processes", "16"), ("--num_machines", "2"), ("--main_process_ip", "node01"),
                         ("--main_process_port", "29642")]:
-        assert launch[launch.index(flag) + 1] == value
-    assert launch.index("--num_machines") < launch.index("-m", 2)  # launcher options precede the module
-    assert slurm.with_machine_rank(launch, "1")[3:5] == ["--machine_rank", "1"]
+        assert accelerate_args[accelerate_args.index(flag) + 1] == value
+    assert accelerate_args.index("--num_machines") < accelerate_args.index("-m", 2)  # launcher options precede the module
+    assert slurm.with_machine_rank(accelerate_args, "1")[3:5] == ["--machine_rank", "1"]
     # loaded from the run dir's frozen profile (as in every cluster job): that shared file is not rewritten
     frozen = load_profile(tmp_path / "profile.yaml")
     before = (tmp_path / "profile.yaml").stat().st_mtime_ns
     time.sleep(0.01)
-    training_stages.accelerate_command("sft", Run.at(frozen, tmp_path), environ={})
+    launch.accelerate_command("sft", Run.at(frozen, tmp_path), environ={})
     assert (tmp_path / "profile.yaml").stat().st_mtime_ns == before
 
 
