@@ -175,8 +175,7 @@ def test_reward_hacking_models_take_turns(fake_vllm, monkeypatch, tmp_path):
         def score_texts(self, texts):
             return [0.0 for _ in texts]
 
-    import autorule_lib.train.reward_model as training
-    monkeypatch.setattr(training, "RewardModelScorer", FakeScorer)
+    monkeypatch.setattr(rh, "RewardModelScorer", FakeScorer)
     rm = rh.RMScores.__new__(rh.RMScores)
     rm.path, rm.mean, rm.std, rm.pad_token, rm.device, rm.reward = tmp_path, 0.0, 1.0, None, "cuda", None
     assert order == []  # constructing loads nothing

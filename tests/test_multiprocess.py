@@ -32,8 +32,6 @@ def two_rank_profile(tmp_path: Path, name="smoke_two_ranks") -> Path:
 def test_reward_models_and_verifiers_are_built_after_accelerate_set_the_device(tmp_path, monkeypatch):
     from accelerate import PartialState
 
-    import autorule_lib.train.rewards as R
-
     PartialState._reset_state()
     seen = {}
 
@@ -41,7 +39,7 @@ def test_reward_models_and_verifiers_are_built_after_accelerate_set_the_device(t
         seen["state_existed"] = bool(PartialState._shared_state)
         return [lambda **kw: [0.0]], [1.0]
 
-    monkeypatch.setattr(R, "build_reward_funcs", fake_build)
+    monkeypatch.setattr(S, "build_reward_funcs", fake_build)
     monkeypatch.setattr(S, "uf_sets", lambda run_dir: {"rl_prompts": []})
     monkeypatch.setattr(S, "sft_model", lambda run_dir: str(tmp_path / "sft"))
     monkeypatch.setattr(S, "train_grpo", lambda *a, **k: tmp_path / "final")
@@ -68,7 +66,7 @@ def test_a_finished_grpo_run_builds_no_reward_model_or_verifier(tmp_path, monkey
     def must_not_build(*a, **k):
         raise AssertionError("built the RM and verifier for a finished run")
 
-    monkeypatch.setattr(R, "build_reward_funcs", must_not_build)
+    monkeypatch.setattr(S, "build_reward_funcs", must_not_build)
     monkeypatch.setattr(S, "uf_sets", lambda run_dir: {"rl_prompts": []})
     monkeypatch.setattr(S, "sft_model", lambda run_dir: str(sft))
     assert S.grpo_stage(Run(profile, layout), "autorule_uf") == out / "final"
