@@ -21,6 +21,7 @@ from .artifacts import CorruptFileError, atomic_write_text, files_stamp, read_js
 from .config import ConfigError, Profile
 
 REGISTRY_FILE = "registry.json"
+IDENTITY_FILE = "model_identity.json"  # {"sha256": ...} written by a builder that hashed the weights it saved
 # What a saved model's identity covers: weights, configs, tokenizer files, chat templates (not logs or optimizer state).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja")
 ROLES = {  # role -> where the profile names its model
@@ -178,12 +179,22 @@ def load_sequence_classifier(path: str | Path, device: str, precision: str | Non
 # ---------------------------------------------------------------- identity
 
 def model_id(path_or_id: str | Path) -> str:
-    """Identity of a model for caches and provenance: a Hub id as given; a local folder (or file) as its name
-    and a stamp of each weight/config file's path, size and modification time.
+    """Identity of a model for caches and provenance: a Hub id as given; a local folder as its name and the
+    content digest its builder recorded (``IDENTITY_FILE``), else a stamp of each weight/config file's path,
+    size and modification time.
 
     One rule for checkpoints, verifiers and judges: a model retrained or rebuilt in place gets a new id (so a
-    cache never serves answers of the old weights), and no gigabytes of weights are hashed to find out."""
+    cache never serves answers of the old weights), and no gigabytes of weights are hashed to find out. A
+    builder that hashed what it saved (the smoke judge) records it, so the same weights rebuilt in another
+    run directory keep one id and the book's provenance columns reproduce."""
     p = Path(path_or_id)
     if not p.exists():
         return str(path_or_id)
+    if (p / IDENTITY_FILE).is_file():
+        return f"{p.resolve().name}@{read_json(p / IDENTITY_FILE)['sha256'][:20]}"
     return f"{p.resolve().name}@{files_stamp(p, WEIGHT_SUFFIXES)}"
+
+
+def record_identity(folder: str | Path, sha256: str) -> Path:
+    """Record a saved model's content digest (computed by its builder) as its identity (``model_id``)."""
+    return atomic_write_text(Path(folder) / IDENTITY_FILE, json.dumps({"sha256": sha256}) + "\n")

@@ -149,6 +149,21 @@ def test_model_id_is_one_rule_for_every_model(models_dir, tmp_path):
     assert models.model_id(copy) != first
 
 
+def test_a_recorded_digest_gives_rebuilt_weights_one_id_in_every_run(models_dir, tmp_path):
+    """The smoke judge is rebuilt in each run directory: the id its builder records (a weights digest) makes
+    the book's verifier_id columns reproduce, where a file stamp (path, mtime) would differ in every run."""
+    import shutil
+
+    judge = models_dir / "tiny-verifier-trained"
+    a = Path(shutil.copytree(judge, tmp_path / "a" / judge.name))
+    b = Path(shutil.copytree(judge, tmp_path / "b" / judge.name))
+    os.utime(b / "model.safetensors", ns=(0, 10**9))
+    assert models.model_id(a) == models.model_id(b)
+    assert models.model_id(a).endswith(json.loads((judge / "tiny_verifier.json").read_text())["weights_sha256"][:20])
+    (b / models.IDENTITY_FILE).unlink()  # no record: the file stamp, which differs between the two copies
+    assert models.model_id(a) != models.model_id(b)
+
+
 def _imports(path: Path) -> set[str]:
     """Absolute module names imported by ``path`` (relative imports resolved against its package)."""
     pkg = path.relative_to(PROJECT_ROOT).with_suffix("").parts[:-1]

@@ -34,6 +34,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .. import models
 from ..config import Profile
 from ..text_format import ASSISTANT
 from ..verify.prompt import load_template, messages_conversation, render_prompt
@@ -210,6 +211,7 @@ def _train(profile: Profile, tokenizer_dir: str | Path, out_dir: str | Path, spe
             "train_seconds": round(time.perf_counter() - t0, 1),
             "weights_sha256": hashlib.sha256(weights).hexdigest()}
     (out_dir / "tiny_verifier.json").write_text(json.dumps(meta, indent=2) + "\n")
+    models.record_identity(out_dir, meta["weights_sha256"])  # rebuilt in another run: same weights, same id
     return meta
 
 
