@@ -268,7 +268,7 @@ def small_run(run_dir: Path) -> Path:
                 "packages": {}, "started_at": "t0", "ended_at": "t1",
                 "stages": {"00_overview": {"status": "ok", "seconds": 1.0, "fingerprint": "f"}}}
     (run_dir / "manifest.json").write_text(json.dumps(manifest))
-    (run_dir / "profile.yaml").write_text("name: smoke\nmodels: {policy: tiny}\n")
+    (run_dir / "profile.yaml").write_text("name: smoke\ndemonstration: true\n")
     return run_dir
 
 

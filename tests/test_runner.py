@@ -306,8 +306,8 @@ def test_lock_is_exclusive_between_processes(tmp_path):
     assert outs == ["got it", "refused", "refused", "refused"]
 
 
-DRIVER = ("import sys\nfrom pathlib import Path\nimport autorule_lib.book.runner as r\nfrom autorule_lib.book import cli\n"
-          "orig = r.run_book\nr.run_book = lambda *a, **k: orig(*a, notebooks_dir=Path(sys.argv[1]), **k)\n"
+DRIVER = ("import sys\nfrom pathlib import Path\nfrom autorule_lib.book import cli\n"
+          "orig = cli.run_book\ncli.run_book = lambda *a, **k: orig(*a, notebooks_dir=Path(sys.argv[1]), **k)\n"
           "sys.exit(cli.main(sys.argv[2:]))\n")
 
 

@@ -25,6 +25,8 @@ def build_models(profile: Profile, models_dir: str | Path) -> dict[str, Path]:
 
     build = profile.models.build
     roles = [r for r in models.ROLES if models.builds_locally(profile, r)]
+    if profile.verifier.backend in ("openai", "bedrock"):  # an API serves the verifier: nothing local reads it
+        roles = [r for r in roles if r != "verifier"]
     if not roles:
         return {}
     if build != "tiny":
