@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Profile
-from ..layout import Run, RunLayout
+from ..layout import OVERVIEW, Run, RunLayout
 from ..profiles import load_profile, run_dir as default_run_dir
 from ..smoke.build import build_models
 
@@ -37,8 +37,10 @@ def open_chapter(name: str, profile: str | Profile = "smoke", run_dir: str | Pat
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     _quiet_progress_bars()
     layout = RunLayout(rdir)
-    # the prologue builds them (once per run) and records them where the method finds them (autorule_lib.models)
-    build_models(prof, layout.models)
+    # the prologue builds them (once per run) and records them where the method finds them (autorule_lib.models);
+    # the overview loads no model, so the first chapter that does pays for the build (the smoke judge's training)
+    if name != OVERVIEW:
+        build_models(prof, layout.models)
     ctx = ChapterContext(prof, layout, name, layout.chapter_out(name))
     print(f"chapter {name} | profile {prof.name} (hash {prof.hash()}) | run dir {rdir}")
     return ctx
